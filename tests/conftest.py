@@ -1,0 +1,212 @@
+"""Shared test fixtures: a real server on an ephemeral loopback port, raw line clients, subprocesses.
+
+Nothing of ours is mocked: tests speak bytes over real sockets to a real Server backed by
+a real SQLite file in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmserver.config import Config
+from vmserver.server import Server, start_server
+
+TIMEOUT = 10.0  # no single read in a test may wait longer than this
+
+
+class Wire:
+    """A raw protocol client: writes lines, reads lines, nothing clever."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, greeting: dict) -> None:
+        self.reader, self.writer, self.greeting = reader, writer, greeting
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1") -> "Wire":
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=64 * 1024 * 1024), TIMEOUT)
+        wire = cls(reader, writer, {})
+        wire.greeting = await wire.recv()
+        return wire
+
+    async def send(self, line: str | bytes | dict) -> None:
+        """Send one request: a dict is JSON-encoded; str/bytes are sent as given plus a newline."""
+        if isinstance(line, dict):
+            line = json.dumps(line)
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.writer.write(line + b"\n")
+        await self.writer.drain()
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv_line(self) -> bytes:
+        """One whole line as sent by the server, newline included; b'' at EOF."""
+        return await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+
+    async def recv(self) -> dict:
+        line = await self.recv_line()
+        assert line.endswith(b"\n"), f"expected a whole line, got {line[:200]!r}"
+        return json.loads(line)
+
+    async def call(self, cmd: str, id: Any = None, **args: Any) -> dict:
+        request: dict[str, Any] = {"cmd": cmd, "args": args}
+        if id is not None:
+            request["id"] = id
+        await self.send(request)
+        return await self.recv()
+
+    async def ok(self, cmd: str, **args: Any) -> Any:
+        """Call and insist on success; returns the result."""
+        reply = await self.call(cmd, **args)
+        assert reply["ok"] is True, reply
+        return reply["result"]
+
+    async def error(self, cmd: str, **args: Any) -> str:
+        """Call and insist on failure; returns the error code."""
+        reply = await self.call(cmd, **args)
+        assert reply["ok"] is False, reply
+        assert set(reply["error"]) == {"code", "message"} and reply["error"]["message"]
+        return reply["error"]["code"]
+
+    async def at_eof(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), TIMEOUT) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+
+
+def disk(disk_id: str, size: int = 10) -> dict:
+    return {"disk_id": disk_id, "size": size}
+
+
+def vm_args(vm_id: str, *disk_ids: str, ram: int = 1024, cpu: int = 1) -> dict:
+    """Arguments of an add_vm for ``vm_id`` with the given disks."""
+    return {"vm_id": vm_id, "ram": ram, "cpu": cpu, "disks": [disk(d) for d in disk_ids]}
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "vms.db")
+
+
+@pytest.fixture
+async def server(db_path: str) -> AsyncIterator[Server]:
+    srv = await start_server(Config(host="127.0.0.1", port=0, db=db_path, busy_timeout_ms=200))
+    try:
+        yield srv
+    finally:
+        await srv.close()
+        srv.inventory.close()
+
+
+@pytest.fixture
+async def wire(server: Server) -> AsyncIterator[Wire]:
+    w = await Wire.open(server.address[1])
+    try:
+        yield w
+    finally:
+        await w.close()
+
+
+@pytest.fixture
+async def connect(server: Server) -> AsyncIterator[Any]:
+    """A factory of extra sessions to the same server: ``w = await connect()``."""
+    opened: list[Wire] = []
+
+    async def factory() -> Wire:
+        w = await Wire.open(server.address[1])
+        opened.append(w)
+        return w
+
+    yield factory
+    for w in opened:
+        await w.close()
+
+
+# --- the server as a separate process (CLI, signals, restarts) ---------------------------
+
+_LISTENING = re.compile(rb"listening on (?:\[([^\]]+)\]|([^\s:]+)):(\d+)")
+
+
+class ServerProcess:
+    """``python -m vmserver`` in a subprocess; ``port`` is read back from its 'listening' log line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmserver", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env)
+        self.port: int | None = None
+        self.log = b""
+
+    def wait_listening(self, timeout: float = TIMEOUT) -> int:
+        """Read stderr until the listening line; raises if the process exits first."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stderr, selectors.EVENT_READ)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not sel.select(timeout=0.1):
+                continue
+            chunk = os.read(self.proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            self.log += chunk
+            match = _LISTENING.search(self.log)
+            if match:
+                self.port = int(match.group(3))
+                return self.port
+        raise AssertionError(f"server did not start; exit={self.proc.poll()} log={self.log.decode(errors='replace')}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        """Send ``sig`` and wait; returns the exit code. Collects the rest of the log."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError("server did not stop in time")
+        self.log += err
+        return self.proc.returncode
+
+    def run_to_exit(self, timeout: float = TIMEOUT) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.log += err
+        return self.proc.returncode
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """A factory of server subprocesses, all killed at the end of the test."""
+    procs: list[ServerProcess] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        p = ServerProcess(*args, env=env)
+        procs.append(p)
+        return p
+
+    yield factory
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.communicate()

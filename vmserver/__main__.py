@@ -1,0 +1,67 @@
+"""Command line: ``vmserver`` / ``python -m vmserver``. Exit 0 after a clean stop, 1 when it cannot start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, parse_config
+from .server import start_server
+from .store import StoreError
+
+log = logging.getLogger("vmserver")
+
+
+def _prepare_db_dir(db: str) -> None:
+    if db == ":memory:" or db.startswith("file:"):
+        return
+    parent = Path(db).expanduser().parent
+    if not parent.exists():
+        parent.mkdir(mode=0o700, parents=True)
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: Config) -> int:
+    # Signals first, so a SIGINT/SIGTERM at any moment after this is a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        _prepare_db_dir(config.db)
+        server = await start_server(config)
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot start: %s (listening on %s, db %s)", exc, _show(config.host, config.port), config.db)
+        return 1
+    host, port = server.address
+    log.info("vmserver %s listening on %s (db: %s)", __version__, _show(host, port), config.db)
+    await stop.wait()
+    log.info("shutting down: finishing commands in flight")
+    await server.close()
+    server.inventory.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Wire codec for protocol v1 (no sockets): parse one request line, encode reply, greeting and event lines.
+
+Requests arrive as one line each, either a JSON envelope ``{"cmd", "args", "id"}`` or the
+inline form typed by people (``NAME``, ``NAME {json}``, ``NAME key=value ...``). Replies are
+compact, ASCII-only JSON (``ensure_ascii`` keeps U+2028/U+2029 and lone surrogates escaped,
+so every line is safe for any reader).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import CommandError, ErrorCode
+
+DEFAULT_MAX_LINE = 1 << 20  # 1 MiB, excluding the newline
+
+_ENVELOPE_KEYS = frozenset(("cmd", "args", "id"))
+_WHITESPACE = " \t\r\n\f\v"
+
+
+class RequestError(CommandError):
+    """The line itself is unusable; carries the request id when one could be read."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: Any = None) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
+
+
+@dataclass(slots=True)
+class Request:
+    cmd: str
+    args: dict[str, Any]
+    id: Any = None
+    # Inline-form values that looked like JSON but did not parse, by argument name; lets a
+    # later type error explain itself instead of only saying "got a string".
+    hints: dict[str, str] = field(default_factory=dict)
+
+
+# --- strict JSON decoding ----------------------------------------------------------------
+
+
+class _StrictJSONError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _StrictJSONError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _StrictJSONError(f"{name} is not allowed in JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _StrictJSONError(f"number {text} is out of range")
+    return value
+
+
+# One decoder for the whole process: rejects duplicate keys, NaN/Infinity and numbers that
+# overflow to infinity, all of which json.loads accepts by default.
+_decoder = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float
+)
+
+
+def _json_error_text(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return str(exc)
+
+
+def decode_json(text: str) -> Any:
+    """Decode one strict JSON document; raises ValueError (or RecursionError) on bad input."""
+    return _decoder.decode(text)
+
+
+# --- request parsing -----------------------------------------------------------------------
+
+
+def parse_line(line: bytes) -> Request | None:
+    """Parse one line (without its newline). Returns None for a line to ignore (blank or ``#``).
+
+    :raises RequestError: bad_request when the line is not UTF-8, not JSON, or a bad envelope.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            f"request is not valid UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})",
+        ) from None
+    text = text.strip(_WHITESPACE)
+    if not text or text[0] == "#":
+        return None
+    if text[0] in '{["':  # JSON, even when it is not an object, gets a JSON answer
+        return _parse_envelope(text)
+    return _parse_inline(text)
+
+
+def _parse_envelope(text: str) -> Request:
+    try:
+        obj = _decoder.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {_json_error_text(exc)}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"a request must be a JSON object, got {json_type(obj)}")
+    request_id = obj.get("id")
+    extra = obj.keys() - _ENVELOPE_KEYS
+    if extra:
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            f"unknown envelope key {sorted(extra)[0]!r} (allowed: cmd, args, id)",
+            request_id,
+        )
+    cmd = obj.get("cmd")
+    if not isinstance(cmd, str):
+        what = "missing" if "cmd" not in obj else f"must be a string, got {json_type(cmd)}"
+        raise RequestError(ErrorCode.BAD_REQUEST, f"envelope key 'cmd' {what}", request_id)
+    args = obj.get("args", {})
+    if not isinstance(args, dict):
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            f"envelope key 'args' must be an object, got {json_type(args)}",
+            request_id,
+        )
+    return Request(cmd, args, request_id)
+
+
+_NAME = re.compile(r"(\S+)\s*(.*)", re.S)
+_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=")
+_TOKEN_END = re.compile(r"\s|$")
+
+
+def _parse_inline(text: str) -> Request:
+    name, rest = _NAME.match(text).groups()
+    if not rest:
+        return Request(name, {})
+    if rest[0] == "{":
+        try:
+            args = _decoder.decode(rest)
+        except (ValueError, RecursionError) as exc:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"arguments are not a valid JSON object: {_json_error_text(exc)}"
+            ) from None
+        return Request(name, args)
+    return _parse_key_values(name, rest)
+
+
+def _parse_key_values(name: str, rest: str) -> Request:
+    args: dict[str, Any] = {}
+    hints: dict[str, str] = {}
+    pos, end = 0, len(rest)
+    while pos < end:
+        if rest[pos] in _WHITESPACE:
+            pos += 1
+            continue
+        match = _KEY.match(rest, pos)
+        if match is None:
+            token = rest[pos : _TOKEN_END.search(rest, pos).start()]
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"expected key=value, got {token!r} (or give one JSON object)"
+            )
+        key = match.group(1)
+        if key in args:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"argument {key!r} given twice")
+        pos = match.end()
+        value, pos, hint = _inline_value(rest, pos)
+        args[key] = value
+        if hint:
+            hints[key] = hint
+    return Request(name, args, None, hints)
+
+
+def _inline_value(rest: str, pos: int) -> tuple[Any, int, str | None]:
+    """One value: JSON when it parses (it may contain spaces if it starts with [ { or "), else a string."""
+    hint = None
+    if pos < len(rest) and rest[pos] in '[{"':
+        try:
+            value, stop = _decoder.raw_decode(rest, pos)
+        except (ValueError, RecursionError) as exc:
+            hint = f"it starts like JSON but is not valid JSON: {_json_error_text(exc)}"
+        else:
+            if stop == len(rest) or rest[stop] in _WHITESPACE:
+                return value, stop, None
+            hint = "it starts like JSON but has text right after the JSON value"
+    stop = _TOKEN_END.search(rest, pos).start()
+    token = rest[pos:stop]
+    try:
+        return _decoder.decode(token), stop, None
+    except (ValueError, RecursionError):
+        return token, stop, hint
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact ASCII JSON bytes of a value."""
+    return _encoder.encode(value).encode("ascii")
+
+
+def encode_ok(request_id: Any, result: bytes) -> bytes:
+    """A success line around an already-encoded result (encoded results are cached upstream)."""
+    rid = b"null" if request_id is None else dumps(request_id)
+    return b'{"id":' + rid + b',"ok":true,"result":' + result + b"}\n"
+
+
+def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:
+    rid = b"null" if request_id is None else dumps(request_id)
+    body = dumps({"code": code.value, "message": message})
+    return b'{"id":' + rid + b',"ok":false,"error":' + body + b"}\n"
+
+
+def encode_greeting(version: str, commands: list[str]) -> bytes:
+    hello = {"server": "vmserver", "version": version, "protocol": 1, "commands": commands}
+    return dumps({"hello": hello}) + b"\n"
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC with milliseconds and a Z, the one timestamp format on the wire."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z"
+
+
+def encode_event(name: str, data: dict[str, Any]) -> bytes:
+    return dumps({"event": name, "data": data, "ts": utc_now()}) + b"\n"

@@ -1,0 +1,194 @@
+"""SQLite persistence: the one owner of the database connection, its schema and migrations.
+
+Every mutation runs in one ``BEGIN IMMEDIATE`` transaction; any ``sqlite3.Error`` becomes a
+:class:`StoreError` naming the file, which the server answers with ``internal``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Schema version 1. Ids are AUTOINCREMENT so an id is never handed out twice, even after a
+# removal. Disk ids are unique across the whole inventory. Presence (connected/authorized)
+# is deliberately absent: it lives in memory and dies with the session.
+_SCHEMA_V1 = [
+    """
+    CREATE TABLE vms (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id          TEXT    NOT NULL UNIQUE,
+        ram            INTEGER NOT NULL CHECK (ram > 0),        -- MiB
+        cpu            INTEGER NOT NULL CHECK (cpu > 0),
+        password_hash  TEXT,                                    -- scrypt$...; NULL: no password
+        last_connected TEXT,                                    -- ISO-8601 UTC, NULL: never
+        created_at     TEXT    NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE disks (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        disk_id TEXT    NOT NULL UNIQUE,
+        size    INTEGER NOT NULL CHECK (size > 0),              -- GiB
+        vm_id   INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE
+    )
+    """,
+    "CREATE INDEX disks_by_vm ON disks(vm_id)",
+]
+
+# Ordered migrations: MIGRATIONS[i] brings a database from user_version i to i + 1.
+MIGRATIONS: list[list[str]] = [_SCHEMA_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """A database operation failed; the message names the file and the operation."""
+
+
+@dataclass(slots=True)
+class VMRow:
+    id: int
+    vm_id: str
+    ram: int
+    cpu: int
+    password_hash: str | None
+    last_connected: str | None
+
+
+@dataclass(slots=True)
+class DiskRow:
+    id: int
+    disk_id: str
+    size: int
+    vm_pk: int
+
+
+class Store:
+    """The SQLite file behind the inventory. Not thread-safe: one caller at a time."""
+
+    def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        try:
+            self._configure(busy_timeout_ms)
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from exc
+        except StoreError:
+            self._db.close()
+            raise
+
+    def _configure(self, busy_timeout_ms: int) -> None:
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if self.path != ":memory:":
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"cannot use database {self.path}: WAL mode refused (got {mode})")
+        # FULL: an acknowledged write survives power loss, not only a process crash.
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate(self) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.path} has schema version {version}, newer than this server's "
+                f"{SCHEMA_VERSION}; upgrade vmserver"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        # Statement by statement in one transaction: executescript() would commit midway.
+        with self._transaction("migrate"):
+            for step in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("database %s migrated from schema version %d to %d", self.path, version, SCHEMA_VERSION)
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {self.path}: {what} failed: {exc}") from exc
+
+    # --- reads --------------------------------------------------------------------------
+
+    def load(self) -> tuple[list[VMRow], list[DiskRow]]:
+        """The whole inventory, ordered by id, read in one transaction (one snapshot)."""
+        try:
+            self._db.execute("BEGIN")
+            try:
+                vms = [VMRow(*row) for row in self._db.execute(
+                    "SELECT id, vm_id, ram, cpu, password_hash, last_connected FROM vms ORDER BY id")]
+                disks = [DiskRow(*row) for row in self._db.execute(
+                    "SELECT id, disk_id, size, vm_id FROM disks ORDER BY id")]
+            finally:
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {self.path}: load failed: {exc}") from exc
+        return vms, disks
+
+    # --- writes -------------------------------------------------------------------------
+
+    def insert_vm(
+        self, vm_id: str, ram: int, cpu: int, password_hash: str | None,
+        disks: Sequence[tuple[str, int]], now: str, last_connected: str | None = None,
+    ) -> tuple[int, list[int]]:
+        """Insert a VM and its disks; returns the new VM id and disk ids (in the given order)."""
+        with self._transaction(f"add {vm_id}") as db:
+            vm_pk = db.execute(
+                "INSERT INTO vms (vm_id, ram, cpu, password_hash, last_connected, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (vm_id, ram, cpu, password_hash, last_connected, now),
+            ).lastrowid
+            disk_pks = [
+                db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)",
+                           (disk_id, size, vm_pk)).lastrowid
+                for disk_id, size in disks
+            ]
+        return vm_pk, disk_pks
+
+    def update_vm(
+        self, vm_pk: int, ram: int, cpu: int, remove: Sequence[int],
+        resize: Sequence[tuple[int, int]], add: Sequence[tuple[str, int]],
+    ) -> list[int]:
+        """Replace a VM's spec: drop, resize and add disks; returns the added disks' ids."""
+        with self._transaction(f"update vm #{vm_pk}") as db:
+            db.execute("UPDATE vms SET ram = ?, cpu = ? WHERE id = ?", (ram, cpu, vm_pk))
+            db.executemany("DELETE FROM disks WHERE id = ?", [(pk,) for pk in remove])
+            db.executemany("UPDATE disks SET size = ? WHERE id = ?", [(size, pk) for pk, size in resize])
+            return [
+                db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)",
+                           (disk_id, size, vm_pk)).lastrowid
+                for disk_id, size in add
+            ]
+
+    def set_last_connected(self, vm_pk: int, when: str) -> None:
+        with self._transaction(f"connect vm #{vm_pk}") as db:
+            db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
+
+    def close(self) -> None:
+        """Close the connection; the last close of a WAL database checkpoints it into the main file."""
+        try:
+            self._db.close()
+        except sqlite3.Error as exc:
+            log.error("database %s: close failed: %s", self.path, exc)
