@@ -32,13 +32,15 @@ class Wire:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, greeting: dict) -> None:
         self.reader, self.writer, self.greeting = reader, writer, greeting
+        self.greeting_line = b""
 
     @classmethod
     async def open(cls, port: int, host: str = "127.0.0.1") -> "Wire":
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, limit=64 * 1024 * 1024), TIMEOUT)
         wire = cls(reader, writer, {})
-        wire.greeting = await wire.recv()
+        wire.greeting_line = await wire.recv_line()
+        wire.greeting = json.loads(wire.greeting_line)
         return wire
 
     async def send(self, line: str | bytes | dict) -> None:

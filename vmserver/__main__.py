@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        return 0
 
 
 if __name__ == "__main__":

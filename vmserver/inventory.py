@@ -180,8 +180,8 @@ class Inventory:
         """
         vm = self.get(vm_id)
         if vm.owner is not owner:
-            whom = "not connected" if vm.owner is None else "connected by another session"
-            raise CommandError(ErrorCode.NOT_CONNECTED, f"VM {vm_id!r} is {whom}; connect_vm it first")
+            why = "connect_vm it first" if vm.owner is None else "another session holds it"
+            raise CommandError(ErrorCode.NOT_CONNECTED, f"VM {vm_id!r} is not connected by this session; {why}")
         return vm
 
     def authorize(self, vm_id: str, owner: Owner) -> VM:

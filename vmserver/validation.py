@@ -38,7 +38,7 @@ def _shown(value: Any) -> str:
         text = json.dumps(value)
         return text if len(text) <= 40 else f"an {json_type(value)} of {len(text)} digits"
     if isinstance(value, str):
-        return json.dumps(value) if len(value) <= 80 else f"a string of {len(value)} characters"
+        return repr(value) if len(value) <= 80 else f"a string of {len(value)} characters"
     return f"an {json_type(value)}" if json_type(value) in ("array", "object") else json_type(value)
 
 
