@@ -123,7 +123,7 @@ def deauthorize_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
 @command("update_vm", "Change an authorized VM's ram, cpu and/or disks (disks replaces the set).", _VM_ID, *_spec(False))
 def update_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
     if len(a) == 1:
-        raise InvalidArgs("ram", "nothing to update: give at least one of ram, cpu, disks")
+        raise InvalidArgs("ram", "ram, cpu, disks: update_vm needs at least one of them")
     return inv.update(a["vm_id"], session, a.get("ram"), a.get("cpu"), a.get("disks")).json()
 
 

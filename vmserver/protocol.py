@@ -20,7 +20,6 @@ from .errors import CommandError, ErrorCode
 DEFAULT_MAX_LINE = 1 << 20  # 1 MiB, excluding the newline
 
 _ENVELOPE_KEYS = frozenset(("cmd", "args", "id"))
-_WHITESPACE = " \t\r\n\f\v"
 
 
 class RequestError(CommandError):
@@ -77,11 +76,12 @@ _decoder = json.JSONDecoder(
 )
 
 
-def _json_error_text(exc: BaseException) -> str:
+def _json_error_text(exc: BaseException, offset: int = 0) -> str:
+    """The decoder's complaint; ``offset`` turns its column into a column of the whole line."""
     if isinstance(exc, RecursionError):
         return "JSON nested too deeply"
     if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} at column {exc.colno}"
+        return f"{exc.msg} at column {exc.colno + offset}"
     return str(exc)
 
 
@@ -105,7 +105,7 @@ def parse_line(line: bytes) -> Request | None:
             ErrorCode.BAD_REQUEST,
             f"request is not valid UTF-8 (byte 0x{line[exc.start]:02x} at offset {exc.start})",
         ) from None
-    text = text.strip(_WHITESPACE)
+    text = text.strip()  # Unicode whitespace, the same set as the regexes' \s
     if not text or text[0] == "#":
         return None
     if text[0] in '{["':  # JSON, even when it is not an object, gets a JSON answer
@@ -148,26 +148,28 @@ _TOKEN_END = re.compile(r"\s|$")
 
 
 def _parse_inline(text: str) -> Request:
-    name, rest = _NAME.match(text).groups()
+    match = _NAME.match(text)
+    name, rest = match.groups()
     if not rest:
         return Request(name, {})
+    offset = match.start(2)  # error columns count from the start of the line, as typed
     if rest[0] == "{":
         try:
             args = _decoder.decode(rest)
         except (ValueError, RecursionError) as exc:
             raise RequestError(
-                ErrorCode.BAD_REQUEST, f"arguments are not a valid JSON object: {_json_error_text(exc)}"
+                ErrorCode.BAD_REQUEST, f"arguments are not a valid JSON object: {_json_error_text(exc, offset)}"
             ) from None
         return Request(name, args)
-    return _parse_key_values(name, rest)
+    return _parse_key_values(name, rest, offset)
 
 
-def _parse_key_values(name: str, rest: str) -> Request:
+def _parse_key_values(name: str, rest: str, offset: int) -> Request:
     args: dict[str, Any] = {}
     hints: dict[str, str] = {}
     pos, end = 0, len(rest)
     while pos < end:
-        if rest[pos] in _WHITESPACE:
+        if rest[pos].isspace():
             pos += 1
             continue
         match = _KEY.match(rest, pos)
@@ -180,23 +182,23 @@ def _parse_key_values(name: str, rest: str) -> Request:
         if key in args:
             raise RequestError(ErrorCode.BAD_REQUEST, f"argument {key!r} given twice")
         pos = match.end()
-        value, pos, hint = _inline_value(rest, pos)
+        value, pos, hint = _inline_value(rest, pos, offset)
         args[key] = value
         if hint:
             hints[key] = hint
     return Request(name, args, None, hints)
 
 
-def _inline_value(rest: str, pos: int) -> tuple[Any, int, str | None]:
+def _inline_value(rest: str, pos: int, offset: int) -> tuple[Any, int, str | None]:
     """One value: JSON when it parses (it may contain spaces if it starts with [ { or "), else a string."""
     hint = None
     if pos < len(rest) and rest[pos] in '[{"':
         try:
             value, stop = _decoder.raw_decode(rest, pos)
         except (ValueError, RecursionError) as exc:
-            hint = f"it starts like JSON but is not valid JSON: {_json_error_text(exc)}"
+            hint = f"it starts like JSON but is not valid JSON: {_json_error_text(exc, offset)}"
         else:
-            if stop == len(rest) or rest[stop] in _WHITESPACE:
+            if stop == len(rest) or rest[stop].isspace():
                 return value, stop, None
             hint = "it starts like JSON but has text right after the JSON value"
     stop = _TOKEN_END.search(rest, pos).start()

@@ -144,13 +144,14 @@ class Server:
         A last line that ends at EOF without a newline is still returned.
         """
         try:
-            line = await reader.readuntil(b"\n")
+            line = (await reader.readuntil(b"\n"))[:-1]
         except asyncio.IncompleteReadError as exc:
-            return exc.partial or None
+            if not exc.partial:
+                return None
+            line = exc.partial
         except asyncio.LimitOverrunError:
             await self._discard_line(reader)
             return _TOO_LARGE
-        line = line[:-1]
         if line[-1:] == b"\r":
             line = line[:-1]
         if len(line) > self.config.max_line:

@@ -73,12 +73,14 @@ class Store:
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         try:
-            self._configure(busy_timeout_ms)
-            self._migrate()
+            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            version = self._check_version()
+            self._configure()
+            self._migrate(version)
         except sqlite3.Error as exc:
             self._db.close()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
@@ -86,9 +88,18 @@ class Store:
             self._db.close()
             raise
 
-    def _configure(self, busy_timeout_ms: int) -> None:
+    def _check_version(self) -> int:
+        """The file's schema version; refuses, before touching the file, one newer than ours."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.path} has schema version {version}, newer than this server's "
+                f"{SCHEMA_VERSION}; upgrade vmserver"
+            )
+        return version
+
+    def _configure(self) -> None:
         db = self._db
-        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if self.path != ":memory:":
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -97,14 +108,8 @@ class Store:
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
 
-    def _migrate(self) -> None:
+    def _migrate(self, version: int) -> None:
         db = self._db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"database {self.path} has schema version {version}, newer than this server's "
-                f"{SCHEMA_VERSION}; upgrade vmserver"
-            )
         if version == SCHEMA_VERSION:
             return
         # Statement by statement in one transaction: executescript() would commit midway.

@@ -1,0 +1,445 @@
+"""SQLite persistence (vmserver.store.Store) and the Inventory mirror on real files, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from vmserver.errors import CommandError, ErrorCode
+from vmserver.inventory import Inventory
+from vmserver.store import SCHEMA_VERSION, DiskRow, Store, StoreError, VMRow
+from vmserver.validation import DiskSpec
+
+NOW = "2026-01-02T03:04:05.678Z"
+LATER = "2026-01-02T04:00:00.000Z"
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "inventory.db")
+
+
+@pytest.fixture
+def store(path: str) -> Iterator[Store]:
+    s = Store(path, busy_timeout_ms=100)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def pragma(path: str, name: str):
+    con = sqlite3.connect(path)
+    try:
+        return con.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        con.close()
+
+
+@contextmanager
+def writer_lock(path: str) -> Iterator[sqlite3.Connection]:
+    """Another connection holding the write lock (BEGIN IMMEDIATE) on the same file."""
+    con = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        yield con
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
+def by_name(store: Store) -> tuple[dict[str, VMRow], dict[str, DiskRow]]:
+    vms, disks = store.load()
+    return {v.vm_id: v for v in vms}, {d.disk_id: d for d in disks}
+
+
+# --- opening, schema, configuration --------------------------------------------------------
+
+
+def test_new_file_is_created_and_migrated(path):
+    assert not os.path.exists(path)
+    s = Store(path)
+    try:
+        assert s.load() == ([], [])
+    finally:
+        s.close()
+    assert SCHEMA_VERSION == 1
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    con = sqlite3.connect(path)
+    try:
+        names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table','index')")}
+    finally:
+        con.close()
+    assert {"vms", "disks", "disks_by_vm"} <= names
+
+
+def test_blank_file_is_migrated_with_wal(path):
+    Path(path).write_bytes(b"")
+    s = Store(path)
+    try:
+        assert pragma(path, "user_version") == SCHEMA_VERSION
+        assert pragma(path, "journal_mode") == "wal"
+        assert s.load() == ([], [])
+    finally:
+        s.close()
+
+
+def test_foreign_keys_are_enforced(store):
+    # A disk for a VM row that does not exist must be refused (foreign_keys = ON).
+    with pytest.raises(StoreError) as info:
+        store.update_vm(999, 1, 1, [], [], [("orphan", 5)])
+    assert "FOREIGN KEY" in str(info.value)
+    assert store.load() == ([], [])
+
+
+def test_foreign_keys_pragma_is_on_on_the_store_connection(store):
+    assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 100
+
+
+def test_reopening_keeps_data_and_version(path):
+    s = Store(path)
+    vm_pk, disk_pks = s.insert_vm("vm-1", 2048, 2, "scrypt$x", [("d1", 10)], NOW)
+    s.close()
+    assert not os.path.exists(path + "-wal")  # the last close checkpoints the WAL away
+    s2 = Store(path)
+    try:
+        vms, disks = s2.load()
+    finally:
+        s2.close()
+    assert vms == [VMRow(vm_pk, "vm-1", 2048, 2, "scrypt$x", None)]
+    assert disks == [DiskRow(disk_pks[0], "d1", 10, vm_pk)]
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+
+
+def test_newer_schema_version_is_refused(path):
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE future (x)")
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError) as info:
+        Store(path)
+    message = str(info.value)
+    assert path in message
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    # Refused, not migrated: nothing of ours was created and the version is untouched.
+    con = sqlite3.connect(path)
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        con.close()
+    assert tables == {"future"}
+    assert pragma(path, "user_version") == SCHEMA_VERSION + 1
+
+
+def test_file_that_is_not_a_database(path):
+    Path(path).write_bytes(b"this is not an SQLite database, just text\n" * 100)
+    with pytest.raises(StoreError) as info:
+        Store(path)
+    assert not isinstance(info.value, sqlite3.Error)
+    assert path in str(info.value)
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+    # The file is left as it was.
+    assert Path(path).read_bytes() == b"this is not an SQLite database, just text\n" * 100
+
+
+def test_unopenable_path(tmp_path):
+    bad = str(tmp_path / "no" / "such" / "dir" / "x.db")
+    with pytest.raises(StoreError) as info:
+        Store(bad)
+    assert not isinstance(info.value, sqlite3.Error)
+    assert bad in str(info.value)
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+
+def test_insert_and_load_round_trip(store):
+    pk1, d1 = store.insert_vm("vm-1", 1024, 1, None, [("zeta", 30), ("alpha", 10), ("mid", 20)], NOW)
+    pk2, d2 = store.insert_vm("vm-2", 4096, 8, "scrypt$abc", [], NOW, last_connected=LATER)
+    assert pk2 > pk1
+    assert len(d1) == 3 and d1 == sorted(d1) and len(set(d1)) == 3
+    assert d2 == []
+    vms, disks = store.load()
+    assert vms == [VMRow(pk1, "vm-1", 1024, 1, None, None), VMRow(pk2, "vm-2", 4096, 8, "scrypt$abc", LATER)]
+    # Disk ids come back in the order the disks were given.
+    assert disks == [DiskRow(d1[0], "zeta", 30, pk1), DiskRow(d1[1], "alpha", 10, pk1), DiskRow(d1[2], "mid", 20, pk1)]
+
+
+def test_update_removes_resizes_and_adds(store):
+    pk, (a, b, c) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1), ("b", 2), ("c", 3)], NOW)
+    other_pk, (x,) = store.insert_vm("vm-2", 512, 1, None, [("x", 9)], NOW)
+    added = store.update_vm(pk, 2048, 4, remove=[a], resize=[(c, 30)], add=[("d", 4), ("e", 5)])
+    assert len(added) == 2 and added[0] < added[1] and added[0] > x
+    vms, disks = store.load()
+    assert vms == [VMRow(pk, "vm-1", 2048, 4, None, None), VMRow(other_pk, "vm-2", 512, 1, None, None)]
+    assert disks == [
+        DiskRow(b, "b", 2, pk), DiskRow(c, "c", 30, pk), DiskRow(x, "x", 9, other_pk),
+        DiskRow(added[0], "d", 4, pk), DiskRow(added[1], "e", 5, pk),
+    ]
+
+
+def test_update_without_disk_changes(store):
+    pk, (a,) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1)], NOW)
+    assert store.update_vm(pk, 8, 2, [], [], []) == []
+    assert store.load() == ([VMRow(pk, "vm-1", 8, 2, None, None)], [DiskRow(a, "a", 1, pk)])
+
+
+def test_disk_ids_are_never_reused(store):
+    pk, (a, b) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
+    store.update_vm(pk, 1024, 1, remove=[b], resize=[], add=[])
+    (c,) = store.update_vm(pk, 1024, 1, remove=[], resize=[], add=[("b", 2)])
+    assert c > b  # AUTOINCREMENT: the highest removed id is not handed out again
+
+
+def test_set_last_connected(store):
+    pk, _ = store.insert_vm("vm-1", 1024, 1, None, [], NOW)
+    store.set_last_connected(pk, LATER)
+    assert store.load()[0] == [VMRow(pk, "vm-1", 1024, 1, None, LATER)]
+    store.set_last_connected(pk, NOW)
+    assert store.load()[0][0].last_connected == NOW
+
+
+# --- failures are whole ---------------------------------------------------------------------------
+
+
+def test_failed_insert_leaves_nothing_behind(store, path):
+    pk, (d1,) = store.insert_vm("vm-1", 1024, 1, None, [("d1", 10)], NOW)
+    before = store.load()
+    with pytest.raises(StoreError) as info:
+        store.insert_vm("vm-2", 2048, 2, None, [("fresh", 5), ("d1", 7)], NOW)
+    assert not isinstance(info.value, sqlite3.Error)
+    assert path in str(info.value)
+    assert "UNIQUE" in str(info.value)
+    assert store.load() == before
+    vms, disks = by_name(store)
+    assert "vm-2" not in vms
+    assert "fresh" not in disks
+    # And the connection is usable again (no transaction left open).
+    pk3, _ = store.insert_vm("vm-3", 1, 1, None, [("fresh", 5)], NOW)
+    assert set(by_name(store)[0]) == {"vm-1", "vm-3"}
+
+
+def test_failed_insert_of_duplicate_vm_id(store):
+    store.insert_vm("vm-1", 1024, 1, None, [], NOW)
+    before = store.load()
+    with pytest.raises(StoreError):
+        store.insert_vm("vm-1", 1, 1, None, [("new", 1)], NOW)
+    assert store.load() == before
+
+
+def test_check_constraint_becomes_store_error(store):
+    with pytest.raises(StoreError):
+        store.insert_vm("vm-1", 0, 1, None, [], NOW)
+    with pytest.raises(StoreError):
+        store.insert_vm("vm-2", 1, 1, None, [("d", 0)], NOW)
+    assert store.load() == ([], [])
+
+
+def test_failed_update_leaves_nothing_half_written(store):
+    pk, (a, b) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
+    store.insert_vm("vm-2", 512, 1, None, [("taken", 9)], NOW)
+    before = store.load()
+    with pytest.raises(StoreError) as info:
+        store.update_vm(pk, 4096, 8, remove=[a], resize=[(b, 50)], add=[("new", 3), ("taken", 1)])
+    assert "UNIQUE" in str(info.value)
+    assert store.load() == before
+
+
+def test_write_while_another_connection_holds_the_lock(store, path):
+    with writer_lock(path):
+        start = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            store.insert_vm("vm-1", 1024, 1, None, [("d1", 1)], NOW)
+        elapsed = time.monotonic() - start
+        assert "locked" in str(info.value)
+        assert path in str(info.value)
+        assert 0.09 <= elapsed < 3.0
+        with pytest.raises(StoreError):
+            store.set_last_connected(1, NOW)
+        # Reads still work in WAL mode while another connection writes.
+        assert store.load() == ([], [])
+    # Once the lock is gone, the same store writes again.
+    pk, _ = store.insert_vm("vm-1", 1024, 1, None, [("d1", 1)], NOW)
+    assert [v.vm_id for v in store.load()[0]] == ["vm-1"]
+
+
+def test_update_while_locked_changes_nothing(store, path):
+    pk, (a,) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1)], NOW)
+    before = store.load()
+    with writer_lock(path):
+        with pytest.raises(StoreError):
+            store.update_vm(pk, 2, 2, [a], [], [("b", 1)])
+    assert store.load() == before
+
+
+# --- the Inventory on a Store ---------------------------------------------------------------------
+
+
+class Session:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.vms: set[str] = set()
+
+
+def all_vms(inv: Inventory) -> list[dict]:
+    return json.loads(inv.all_vms_json())
+
+
+def all_disks(inv: Inventory) -> list[dict]:
+    return json.loads(inv.all_disks_json())
+
+
+def persistent_state(inv: Inventory) -> tuple:
+    """What must survive a restart, built from fresh records (not from cached JSON)."""
+    vms = []
+    for rec in all_vms(inv):
+        vm = inv.get(rec["vm_id"])
+        fresh = vm.record()
+        fresh.pop("connected")
+        fresh.pop("authorized")
+        vms.append((fresh, vm.password_hash))
+    disks = [(d["id"], d["disk_id"], d["size"], d["vm_id"], d["vm"]) for d in all_disks(inv)]
+    return vms, disks
+
+
+def reloaded_state(path: str) -> tuple:
+    """persistent_state of a fresh Inventory loaded from the file by a second connection."""
+    fresh = Inventory(Store(path))
+    try:
+        return persistent_state(fresh)
+    finally:
+        fresh.close()
+
+
+def assert_caches_fresh(inv: Inventory) -> None:
+    for rec in all_vms(inv):
+        vm = inv.get(rec["vm_id"])
+        assert rec == vm.record()
+        assert [d.id for d in vm.disks] == sorted(d.id for d in vm.disks)
+
+
+@pytest.fixture
+def inventory(store) -> Inventory:
+    return Inventory(store)
+
+
+def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
+    owner = Session("s1")
+    inventory.add("vm-0", 64, 1, (DiskSpec("d0", 1),), None)
+    vms_before, disks_before = inventory.all_vms_json(), inventory.all_disks_json()
+    with writer_lock(path):
+        with pytest.raises(StoreError):
+            inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
+    assert not inventory.exists("vm-1")
+    assert len(inventory) == 1
+    assert owner.vms == set()
+    assert inventory.all_vms_json() == vms_before
+    assert inventory.all_disks_json() == disks_before
+    with pytest.raises(CommandError) as info:
+        inventory.get("vm-1")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    # Neither the VM id nor the disk ids are left claimed: the same add now succeeds.
+    inventory.check_can_add("vm-1", (DiskSpec("d1", 10), DiskSpec("d2", 20)))
+    vm = inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
+    assert [d.disk_id for d in vm.disks] == ["d1", "d2"]
+    assert owner.vms == {"vm-1"}
+    assert reloaded_state(path) == persistent_state(inventory)
+
+
+def test_inventory_update_failure_leaves_memory_unchanged(inventory, path):
+    owner = Session("s1")
+    inventory.add("vm-1", 1024, 2, (DiskSpec("a", 1), DiskSpec("b", 2)), None, owner=owner)
+    inventory.add("vm-2", 512, 1, (DiskSpec("x", 5),), None)
+    inventory.authorize("vm-1", owner)
+    vm = inventory.get("vm-1")
+    record_before = vm.record()
+    json_before = vm.json()
+    disks_before = inventory.all_disks_json()
+    disk_objects_before = list(vm.disks)
+    with writer_lock(path):
+        with pytest.raises(StoreError):
+            inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
+    assert vm.record() == record_before
+    assert (vm.ram, vm.cpu) == (1024, 2)
+    assert [(d.disk_id, d.size) for d in vm.disks] == [("a", 1), ("b", 2)]
+    assert vm.disks == disk_objects_before
+    assert vm.json() == json_before
+    assert inventory.all_disks_json() == disks_before
+    assert vm.owner is owner and vm.authorized
+    # "a" still belongs to vm-1 and "new" was never claimed.
+    with pytest.raises(CommandError) as info:
+        inventory.check_can_add("vm-3", (DiskSpec("a", 1),))
+    assert info.value.code is ErrorCode.CONFLICT
+    inventory.check_can_add("vm-3", (DiskSpec("new", 1),))
+    assert reloaded_state(path) == persistent_state(inventory)
+    # The same update goes through once the lock is gone.
+    inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
+    assert [(d.disk_id, d.size) for d in vm.disks] == [("b", 20), ("new", 3)]
+    assert reloaded_state(path) == persistent_state(inventory)
+
+
+def test_inventory_connect_failure_leaves_memory_unchanged(inventory, path):
+    owner = Session("s1")
+    inventory.add("vm-1", 1024, 2, (), None)
+    vm = inventory.get("vm-1")
+    with writer_lock(path):
+        with pytest.raises(StoreError):
+            inventory.connect("vm-1", owner)
+    assert vm.owner is None
+    assert vm.last_connected is None
+    assert owner.vms == set()
+    assert json.loads(vm.json())["connected"] is False
+    assert inventory.connected_vms_json() == b"[]"
+
+
+def test_inventory_matches_a_fresh_load_after_many_operations(inventory, path):
+    s1, s2 = Session("s1"), Session("s2")
+    inventory.add("vm-a", 1024, 1, (DiskSpec("a1", 10), DiskSpec("a2", 20)), None, owner=s1)
+    inventory.add("vm-b", 2048, 2, (DiskSpec("b1", 5),), "scrypt$fakehash")
+    inventory.add("vm-c", 1, 1, (), None)
+    inventory.connect("vm-b", s2)
+    inventory.authorize("vm-a", s1)
+    inventory.authorize("vm-b", s2)
+    # Remove a1, resize a2, add a3.
+    inventory.update("vm-a", s1, 4096, None, (DiskSpec("a2", 25), DiskSpec("a3", 7)))
+    # a1 is free again: vm-b takes it; cpu only on vm-b.
+    inventory.update("vm-b", s2, None, 4, (DiskSpec("b1", 5), DiskSpec("a1", 99)))
+    inventory.update("vm-b", s2, 512, None, None)
+    inventory.deauthorize("vm-b", s2)
+    inventory.disconnect("vm-a", s1)
+    inventory.connect("vm-c", s1)
+    inventory.authorize("vm-c", s1)
+    inventory.update("vm-c", s1, None, None, (DiskSpec("c1", 1),))
+    inventory.update("vm-c", s1, None, None, ())
+
+    assert_caches_fresh(inventory)
+    fresh = Inventory(Store(path))
+    try:
+        assert persistent_state(fresh) == persistent_state(inventory)
+
+        vms, disks = persistent_state(inventory)
+        assert [(v["vm_id"], v["ram"], v["cpu"]) for v, _ in vms] == [("vm-a", 4096, 1), ("vm-b", 512, 4), ("vm-c", 1, 1)]
+        assert [(d[1], d[2], d[4]) for d in disks] == [("a2", 25, "vm-a"), ("b1", 5, "vm-b"), ("a3", 7, "vm-a"),
+                                                     ("a1", 99, "vm-b")]
+        assert [h for _, h in vms] == [None, "scrypt$fakehash", None]
+        assert all(v["last_connected"] is not None for v, _ in vms)
+
+        # Presence is memory-only: once every session is released, the whole lists are byte-equal.
+        assert sorted(inventory.release(s1)) == ["vm-c"]
+        assert inventory.release(s2) == ["vm-b"]
+        assert s1.vms == set() and s2.vms == set()
+        assert inventory.all_vms_json() == fresh.all_vms_json()
+        assert inventory.all_disks_json() == fresh.all_disks_json()
+        assert fresh.connected_vms_json() == b"[]" and fresh.authorized_vms_json() == b"[]"
+    finally:
+        fresh.close()
