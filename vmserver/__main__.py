@@ -42,7 +42,7 @@ async def serve(config: Config) -> int:
         log.error("cannot start: %s", exc)
         return 1
     except OSError as exc:
-        log.error("cannot start: %s (listening on %s, db %s)", exc, _show(config.host, config.port), config.db)
+        log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), config.db)
         return 1
     host, port = server.address
     log.info("vmserver %s listening on %s (db: %s)", __version__, _show(host, port), config.db)

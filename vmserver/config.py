@@ -58,33 +58,50 @@ def _level(text: str) -> str:
     return level
 
 
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+def _text(value: str) -> str:
+    return value
+
+
+# flag, environment variable, type check, help. Defaults come from Config.
+_OPTIONS = [
+    ("--host", "VMSERVER_HOST", _text, "address to listen on (default %s; loopback only)"),
+    ("--port", "VMSERVER_PORT", _port, "TCP port (default %s; 0 picks a free one)"),
+    ("--db", "VMSERVER_DB", _text, "SQLite file (default %s; ':memory:' keeps nothing)"),
+    ("--max-line", "VMSERVER_MAX_LINE", _positive, "longest request line accepted, in bytes (default %s)"),
+    ("--log-level", "VMSERVER_LOG_LEVEL", _level, "DEBUG, INFO, WARNING or ERROR (default %s)"),
+]
+
+
+def _field(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def build_parser(defaults: Config) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmserver",
         description="Virtual machine inventory and presence server (line-delimited JSON over TCP).",
-        epilog="Environment: VMSERVER_HOST, VMSERVER_PORT, VMSERVER_DB, VMSERVER_MAX_LINE, "
-        "VMSERVER_LOG_LEVEL set the same settings; flags win. Protocol: see protocol.md.",
+        epilog="Each setting can also come from its environment variable: "
+        + ", ".join(env for _, env, _, _ in _OPTIONS) + "; flags win. Protocol: see protocol.md.",
     )
-    defaults = Config()
-    parser.add_argument("--host", default=environ.get("VMSERVER_HOST", defaults.host),
-                        help="address to listen on (default %(default)s; loopback only)")
-    parser.add_argument("--port", type=_port, default=environ.get("VMSERVER_PORT", defaults.port),
-                        help="TCP port (default %(default)s; 0 picks a free one)")
-    parser.add_argument("--db", default=environ.get("VMSERVER_DB") or default_db_path(environ),
-                        help="SQLite file (default %(default)s; ':memory:' keeps nothing)")
-    parser.add_argument("--max-line", type=_positive, metavar="BYTES",
-                        default=environ.get("VMSERVER_MAX_LINE", defaults.max_line),
-                        help="longest request line accepted (default %(default)s)")
-    parser.add_argument("--log-level", type=_level, default=environ.get("VMSERVER_LOG_LEVEL", defaults.log_level),
-                        help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
+    for flag, env, check, text in _OPTIONS:
+        parser.add_argument(flag, type=check, default=None, help=f"{text % getattr(defaults, _field(flag))} [{env}]")
     parser.add_argument("--version", action="version", version=f"vmserver {__version__} (protocol 1)")
     return parser
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> Config:
-    """Flags over environment over defaults; exits with status 2 and a usage line on bad input.
-
-    Environment values go through the same type checks as flags (argparse converts string defaults).
-    """
-    ns = build_parser(environ).parse_args(argv)
-    return Config(host=ns.host, port=ns.port, db=ns.db, max_line=ns.max_line, log_level=ns.log_level)
+    """Flags over environment over defaults; exits with status 2 and a usage line on bad input."""
+    defaults = Config(db=default_db_path(environ))
+    parser = build_parser(defaults)
+    ns = parser.parse_args(argv)
+    values = {}
+    for flag, env, check, _ in _OPTIONS:
+        name = _field(flag)
+        value = getattr(ns, name)
+        if value is None and environ.get(env):
+            try:
+                value = check(environ[env])
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"environment variable {env}: {exc}")
+        values[name] = getattr(defaults, name) if value is None else value
+    return Config(**values)
