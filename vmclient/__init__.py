@@ -1,1 +1,23 @@
-"""vmclient: the asyncio client library and console for vmserver (protocol v1). Not written yet."""
+"""vmclient: asyncio client library for vmserver (protocol v1), plus its console and fleet demo.
+
+::
+
+    async with vmclient.Client("127.0.0.1", 8888) as c:
+        vm = await c.add_vm("vm-1", ram=2048, cpu=2, disks=[{"disk_id": "disk-1", "size": 500}])
+
+See :mod:`vmclient.errors` for the error hierarchy. This package does not import vmserver.
+"""
+
+from .client import DEFAULT_PORT, Client, connect
+from .errors import (
+    AlreadyExists, AuthFailed, BadRequest, CallTimeout, ClientError, CommandError, Conflict, ConnectError,
+    ConnectionLost, InternalError, InvalidArgs, NotAuthorized, NotConnected, NotFound, ProtocolViolation,
+    TooLarge, UnknownCommand,
+)
+
+__all__ = [
+    "DEFAULT_PORT", "Client", "connect",
+    "ClientError", "ConnectError", "ConnectionLost", "CallTimeout", "ProtocolViolation", "CommandError",
+    "BadRequest", "TooLarge", "UnknownCommand", "InvalidArgs", "NotFound", "AlreadyExists", "Conflict",
+    "NotConnected", "NotAuthorized", "AuthFailed", "InternalError",
+]

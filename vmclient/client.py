@@ -1,0 +1,355 @@
+"""The asyncio client library: one connection, many concurrent calls, replies matched by id.
+
+The server answers requests strictly in order, so pending calls wait in a FIFO; each reply
+must carry the id of the call at its head (a check that catches a confused stream). One
+reader task reads every line; when the connection ends, every pending call fails with
+:class:`ConnectionLost` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import re
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+from .errors import (
+    CallTimeout, ConnectError, ConnectionLost, ProtocolViolation, error_for,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 8888
+MAX_REPLY = 256 * 1024 * 1024  # a 100,000-VM list is tens of MB on one line
+_DEFAULT: Any = object()  # "use the client's default timeout"
+
+
+class DiskSpec(TypedDict):
+    disk_id: str
+    size: int
+
+
+class Disk(TypedDict):
+    id: int
+    disk_id: str
+    size: int
+    vm_id: int
+
+
+class VM(TypedDict):
+    id: int
+    vm_id: str
+    ram: int
+    cpu: int
+    disks: list[Disk]
+    connected: bool
+    authorized: bool
+    last_connected: str | None
+
+
+_SECRET_INLINE = re.compile(r'(\bpassword\s*=\s*)("(?:[^"\\]|\\.)*"|\S+)')
+_SECRET_JSON = re.compile(r'("password"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\s]+)')
+
+
+def redact(line: str) -> str:
+    """A request line with every password value replaced by ``***`` (for errors, logs, history)."""
+    return _SECRET_JSON.sub(r'\1"***"', _SECRET_INLINE.sub(r"\1***", line))
+
+
+def _masked(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The request as kept in errors and logs: never with a password in it."""
+    if "password" in args:
+        args = {**args, "password": "***"}
+    return {"cmd": cmd, "args": args}
+
+
+class _Pending:
+    __slots__ = ("id", "future", "request")
+
+    def __init__(self, id: Any, future: asyncio.Future[Any], request: dict[str, Any]) -> None:
+        self.id, self.future, self.request = id, future, request
+
+
+class Client:
+    """A connection to a vmserver. Use ``async with Client(...) as c:`` or :func:`connect`.
+
+    :param timeout: default seconds each call waits for its reply (None: forever).
+    :param connect_timeout: seconds to connect and receive the greeting.
+    :param max_reply: longest reply line accepted, in bytes.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, timeout: float | None = 30.0,
+                 connect_timeout: float = 10.0, max_reply: int = MAX_REPLY) -> None:
+        self.host, self.port = host, port
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_reply = max_reply
+        self.server_info: dict[str, Any] = {}  # the greeting's "hello" object
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: deque[_Pending] = deque()
+        self._ids = itertools.count(1)
+        self._lost: ConnectionLost | None = None
+
+    # --- connection -----------------------------------------------------------------
+
+    async def connect(self) -> Client:
+        """Connect and read the greeting.
+
+        :raises ConnectError: when the server cannot be reached or is not a protocol-1 vmserver.
+        """
+        if self._writer is not None:
+            return self
+        where = f"{self.host}:{self.port}"
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=self.max_reply), self.connect_timeout)
+        except asyncio.TimeoutError as exc:
+            raise ConnectError(f"cannot connect to {where}: timed out after {self.connect_timeout}s") from exc
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConnectError(f"cannot connect to {where}: {reason}") from exc
+        try:
+            line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+            hello = json.loads(line)["hello"] if line else None
+        except (asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            writer.close()
+            raise ConnectError(f"{where} did not greet like a vmserver") from exc
+        if not isinstance(hello, dict) or hello.get("server") != "vmserver":
+            writer.close()
+            raise ConnectError(f"{where} is not a vmserver (greeting: {line[:200]!r})")
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            writer.close()
+            raise ConnectError(f"{where} speaks protocol {hello.get('protocol')}, this client {PROTOCOL_VERSION}")
+        self.server_info = hello
+        self._reader, self._writer, self._lost = reader, writer, None
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
+        return self
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and self._lost is None
+
+    @property
+    def commands(self) -> list[str]:
+        """The command names the server announced."""
+        return list(self.server_info.get("commands", []))
+
+    async def close(self) -> None:
+        """Close the connection. Calls still pending fail with ConnectionLost."""
+        writer, task = self._writer, self._reader_task
+        if writer is None:
+            return
+        self._fail_all(ConnectionLost("the client was closed"))
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 2.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._writer = self._reader = self._reader_task = None
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- calls ----------------------------------------------------------------------
+
+    async def call(self, cmd: str, /, *, timeout: float | None = _DEFAULT, **args: Any) -> Any:
+        """Send one command and return its ``result``.
+
+        :raises CommandError: (a subclass per error code) when the server answers with an error.
+        :raises ConnectionLost: when the connection is or gets closed before the reply.
+        :raises CallTimeout: when no reply comes within ``timeout`` seconds.
+        """
+        request_id = next(self._ids)
+        line = json.dumps({"cmd": cmd, "args": args, "id": request_id}, separators=(",", ":")) + "\n"
+        return await self._exchange(line.encode("utf-8"), request_id, _masked(cmd, args), timeout)
+
+    async def call_line(self, line: str, *, timeout: float | None = _DEFAULT) -> Any:
+        """Send one request line as typed (inline form, see protocol.md) and return its ``result``.
+
+        :raises CommandError: when the server answers with an error.
+        :raises ValueError: for a line the server would not answer (blank, comment, several lines).
+        """
+        text = line.strip()
+        if not text or text.startswith("#") or "\n" in text:
+            raise ValueError("call_line needs exactly one request line")
+        request_id = None
+        if text.startswith("{"):  # a JSON envelope: keep the caller's id, if any, for matching
+            try:
+                request_id = json.loads(text).get("id")
+            except (ValueError, AttributeError):
+                request_id = None
+        name = text.split(None, 1)[0]
+        shown = {"cmd": name, "line": redact(text)}
+        return await self._exchange(text.encode("utf-8") + b"\n", request_id, shown, timeout)
+
+    async def _exchange(self, data: bytes, request_id: Any, request: dict[str, Any], timeout: float | None) -> Any:
+        if self._lost is not None:
+            raise ConnectionLost(str(self._lost))
+        if self._writer is None:
+            raise ConnectionLost("not connected: call connect() first")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(request_id, future, request))
+        self._writer.write(data)  # appended and written with no await between: order is kept
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._connection_lost(exc)
+        if timeout is _DEFAULT:
+            timeout = self.timeout
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"{request['cmd']}: no reply within {timeout}s") from None
+
+    # --- the reader -----------------------------------------------------------------
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        cause: BaseException | None = None
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                self._dispatch(line)
+        except asyncio.CancelledError:
+            raise
+        except ValueError as exc:  # LimitOverrunError: a reply over max_reply
+            cause = ProtocolViolation(f"a reply line exceeded {self.max_reply} bytes")
+            cause.__cause__ = exc
+        except ProtocolViolation as exc:
+            cause = exc
+        except (ConnectionError, OSError) as exc:
+            cause = exc
+        self._connection_lost(cause)
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError as exc:
+            raise ProtocolViolation(f"the server sent a line that is not JSON: {line[:200]!r}") from exc
+        if not isinstance(message, dict):
+            raise ProtocolViolation(f"the server sent a line that is not an object: {line[:200]!r}")
+        if "event" in message:
+            self._on_event(message)
+            return
+        if not self._pending:
+            raise ProtocolViolation(f"a reply arrived with no call waiting: {line[:200]!r}")
+        pending = self._pending.popleft()
+        if message.get("id") != pending.id:
+            raise ProtocolViolation(f"reply id {message.get('id')!r} does not match the call's id {pending.id!r}")
+        if pending.future.done():  # timed out or cancelled: nobody waits for this reply
+            return
+        if message.get("ok") is True:
+            pending.future.set_result(message.get("result"))
+        else:
+            error = message.get("error") or {}
+            pending.future.set_exception(
+                error_for(str(error.get("code", "")), str(error.get("message", "")), pending.request))
+
+    def _on_event(self, message: dict[str, Any]) -> None:
+        if message.get("event") == "shutdown":
+            log.info("server %s:%s is shutting down", self.host, self.port)
+
+    def _connection_lost(self, cause: BaseException | None) -> None:
+        if self._lost is not None:
+            return
+        why = f"connection to {self.host}:{self.port} lost"
+        if cause is not None:
+            why += f": {cause}"
+        lost = ConnectionLost(why)
+        lost.__cause__ = cause
+        self._fail_all(lost)
+        if self._writer is not None:
+            self._writer.close()  # a confused stream cannot be trusted with more requests
+
+    def _fail_all(self, error: ConnectionLost) -> None:
+        self._lost = error
+        while self._pending:
+            pending = self._pending.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    # --- one method per operation (protocol.md) ---------------------------------------
+
+    async def add_vm(self, vm_id: str, *, ram: int, cpu: int, disks: Sequence[DiskSpec],
+                     password: str | None = None, timeout: float | None = _DEFAULT) -> VM:
+        """Register a VM. :raises AlreadyExists: vm_id taken. :raises Conflict: a disk_id clash."""
+        args: dict[str, Any] = {"vm_id": vm_id, "ram": ram, "cpu": cpu, "disks": list(disks)}
+        if password is not None:
+            args["password"] = password
+        return await self.call("add_vm", timeout=timeout, **args)
+
+    async def connect_vm(self, vm_id: str, *, ram: int | None = None, cpu: int | None = None,
+                         disks: Sequence[DiskSpec] | None = None, password: str | None = None,
+                         timeout: float | None = _DEFAULT) -> VM:
+        """Connect a VM to this client's session (registering it first when unknown and a spec is given).
+
+        :raises Conflict: connected by another session. :raises InvalidArgs: unknown VM and no spec.
+        """
+        args = _present(vm_id=vm_id, ram=ram, cpu=cpu, disks=None if disks is None else list(disks),
+                        password=password)
+        return await self.call("connect_vm", timeout=timeout, **args)
+
+    async def authorize_vm(self, vm_id: str, *, password: str | None = None,
+                           timeout: float | None = _DEFAULT) -> VM:
+        """:raises NotConnected: not connected by this session. :raises AuthFailed: wrong or missing password."""
+        return await self.call("authorize_vm", timeout=timeout, **_present(vm_id=vm_id, password=password))
+
+    async def deauthorize_vm(self, vm_id: str, *, timeout: float | None = _DEFAULT) -> VM:
+        """:raises NotAuthorized: not authorized by this session."""
+        return await self.call("deauthorize_vm", timeout=timeout, vm_id=vm_id)
+
+    async def update_vm(self, vm_id: str, *, ram: int | None = None, cpu: int | None = None,
+                        disks: Sequence[DiskSpec] | None = None, timeout: float | None = _DEFAULT) -> VM:
+        """Replace the given fields (``disks`` replaces the whole set).
+
+        :raises NotAuthorized: not authorized by this session. :raises Conflict: a disk_id clash.
+        """
+        args = _present(vm_id=vm_id, ram=ram, cpu=cpu, disks=None if disks is None else list(disks))
+        return await self.call("update_vm", timeout=timeout, **args)
+
+    async def disconnect_vm(self, vm_id: str, *, timeout: float | None = _DEFAULT) -> VM:
+        """:raises NotConnected: not connected by this session."""
+        return await self.call("disconnect_vm", timeout=timeout, vm_id=vm_id)
+
+    async def get_all_vms(self, *, timeout: float | None = _DEFAULT) -> list[VM]:
+        return await self.call("get_all_vms", timeout=timeout)
+
+    async def get_connected_vms(self, *, timeout: float | None = _DEFAULT) -> list[VM]:
+        return await self.call("get_connected_vms", timeout=timeout)
+
+    async def get_authorized_vms(self, *, timeout: float | None = _DEFAULT) -> list[VM]:
+        return await self.call("get_authorized_vms", timeout=timeout)
+
+    async def get_all_disks(self, *, timeout: float | None = _DEFAULT) -> list[dict[str, Any]]:
+        return await self.call("get_all_disks", timeout=timeout)
+
+    async def health(self, *, timeout: float | None = _DEFAULT) -> str:
+        return await self.call("health", timeout=timeout)
+
+
+def _present(**args: Any) -> dict[str, Any]:
+    """Keyword arguments minus those left at None: the protocol wants absent, not null."""
+    return {k: v for k, v in args.items() if v is not None}
+
+
+async def connect(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any) -> Client:
+    """A connected :class:`Client` (close it with ``await c.close()``).
+
+    :raises ConnectError: when the server cannot be reached.
+    """
+    return await Client(host, port, **options).connect()

@@ -1,0 +1,71 @@
+"""What the console knows of protocol v1's commands: arguments and help text (see protocol.md).
+
+The client cannot import the server, so this table restates protocol.md; a test checks that
+it agrees with the server's registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    type: str
+    required: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    name: str
+    summary: str
+    args: tuple[Arg, ...] = ()
+    example: str = ""
+
+    def usage(self) -> str:
+        parts = [self.name]
+        for arg in self.args:
+            part = f"{arg.name}={arg.type.upper()}"
+            parts.append(part if arg.required else f"[{part}]")
+        return " ".join(parts)
+
+
+_VM_ID = Arg("vm_id", "str", True, "the VM's name: 1-64 of A-Z a-z 0-9 . _ : -")
+_DISKS_DOC = 'JSON list of {"disk_id": str, "size": GiB}, at most 64'
+
+
+def _spec(required: bool, when: str = "") -> tuple[Arg, ...]:
+    return (
+        Arg("ram", "int", required, f"memory in MiB{when}"),
+        Arg("cpu", "int", required, f"virtual CPUs{when}"),
+        Arg("disks", "json", required, f"{_DISKS_DOC}{when}"),
+    )
+
+
+_ALL = [
+    CommandInfo("add_vm", "Register a VM with its disks (and optionally a password).",
+                (_VM_ID, *_spec(True), Arg("password", "str", False, "then authorize_vm requires it")),
+                'add_vm vm_id=vm-1 ram=2048 cpu=2 disks=[{"disk_id":"disk-1","size":500}]'),
+    CommandInfo("connect_vm", "Connect a VM to this session; an unknown VM is registered first.",
+                (_VM_ID, *_spec(False, " (to register a new VM)"),
+                 Arg("password", "str", False, "stored when registering a new VM")),
+                "connect_vm vm_id=vm-1"),
+    CommandInfo("authorize_vm", "Authorize a VM this session connected.",
+                (_VM_ID, Arg("password", "str", False, "required when the VM has one")),
+                "authorize_vm vm_id=vm-1 password=s3cret"),
+    CommandInfo("deauthorize_vm", "Withdraw this session's authorization; the VM stays connected.",
+                (_VM_ID,), "deauthorize_vm vm_id=vm-1"),
+    CommandInfo("update_vm", "Change an authorized VM's ram, cpu and/or disks (disks replaces the set).",
+                (_VM_ID, *_spec(False)), "update_vm vm_id=vm-1 ram=4096"),
+    CommandInfo("disconnect_vm", "Disconnect a VM this session connected (ends its authorization too).",
+                (_VM_ID,), "disconnect_vm vm_id=vm-1"),
+    CommandInfo("get_all_vms", "List every VM.", (), "get_all_vms"),
+    CommandInfo("get_connected_vms", "List the VMs connected now.", (), "get_connected_vms"),
+    CommandInfo("get_authorized_vms", "List the VMs authorized now.", (), "get_authorized_vms"),
+    CommandInfo("get_all_disks", "List every disk with its VM.", (), "get_all_disks"),
+    CommandInfo("health", 'Liveness check: "OK".', (), "health"),
+]
+
+COMMANDS: dict[str, CommandInfo] = {info.name: info for info in _ALL}

@@ -1,0 +1,110 @@
+"""Errors raised by the client library.
+
+::
+
+    ClientError
+     +-- ConnectError        cannot connect (``__cause__`` keeps the OSError)
+     +-- ConnectionLost      the connection dropped; every pending call fails with it
+     +-- CallTimeout         a call's ``timeout=`` ran out (also a TimeoutError)
+     +-- ProtocolViolation   the server sent something protocol v1 does not allow
+     +-- CommandError        the server answered with an error (``.code``, ``.message``, ``.request``)
+          +-- BadRequest, TooLarge, UnknownCommand, InvalidArgs, NotFound, AlreadyExists,
+              Conflict, NotConnected, NotAuthorized, AuthFailed, InternalError
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClientError(Exception):
+    """Base of every error this library raises."""
+
+
+class ConnectError(ClientError):
+    """The server could not be reached or did not greet as a vmserver."""
+
+
+class ConnectionLost(ClientError):
+    """The connection ended while calls were pending, or a call was made on a closed client."""
+
+
+class CallTimeout(ClientError, TimeoutError):
+    """No reply within the call's timeout. The connection stays usable."""
+
+
+class ProtocolViolation(ClientError):
+    """The server sent a line this library cannot make sense of."""
+
+
+class CommandError(ClientError):
+    """The server answered the request with an error.
+
+    :ivar code: the protocol error code, e.g. ``"not_found"``
+    :ivar message: the server's text for people
+    :ivar request: what was sent: ``{"cmd": ..., "args": ...}`` with any password masked
+    """
+
+    code = ""
+
+    def __init__(self, code: str, message: str, request: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request = request or {}
+
+
+class BadRequest(CommandError):
+    code = "bad_request"
+
+
+class TooLarge(CommandError):
+    code = "too_large"
+
+
+class UnknownCommand(CommandError):
+    code = "unknown_command"
+
+
+class InvalidArgs(CommandError):
+    code = "invalid_args"
+
+
+class NotFound(CommandError):
+    code = "not_found"
+
+
+class AlreadyExists(CommandError):
+    code = "already_exists"
+
+
+class Conflict(CommandError):
+    code = "conflict"
+
+
+class NotConnected(CommandError):
+    code = "not_connected"
+
+
+class NotAuthorized(CommandError):
+    code = "not_authorized"
+
+
+class AuthFailed(CommandError):
+    code = "auth_failed"
+
+
+class InternalError(CommandError):
+    code = "internal"
+
+
+ERROR_CLASSES: dict[str, type[CommandError]] = {
+    cls.code: cls
+    for cls in (BadRequest, TooLarge, UnknownCommand, InvalidArgs, NotFound, AlreadyExists,
+                Conflict, NotConnected, NotAuthorized, AuthFailed, InternalError)
+}
+
+
+def error_for(code: str, message: str, request: dict[str, Any] | None = None) -> CommandError:
+    """The CommandError subclass for ``code`` (plain CommandError for a code this version does not know)."""
+    return ERROR_CLASSES.get(code, CommandError)(code, message, request)

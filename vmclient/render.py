@@ -1,0 +1,88 @@
+"""Human output of the console: VM and disk lists as aligned tables, a record as a short block."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+_DISKS_WIDTH = 48  # a VM's disk column is cut here, with a count of what was left out
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value is True else "no" if value is False else str(value)
+
+
+def _disks_cell(disks: Sequence[dict[str, Any]]) -> str:
+    if not disks:
+        return "-"
+    parts = [f"{d.get('disk_id')}:{d.get('size')}G" for d in disks]
+    cell = ",".join(parts)
+    if len(cell) <= _DISKS_WIDTH:
+        return cell
+    shown: list[str] = []
+    for part in parts:
+        if len(",".join([*shown, part])) > _DISKS_WIDTH - 8:
+            break
+        shown.append(part)
+    return ",".join(shown) + f",+{len(parts) - len(shown)} more"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
+    """Columns padded to their widest cell; ``right`` marks numeric columns (right-aligned)."""
+    right = right or [False] * len(headers)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def vm_table(vms: Sequence[dict[str, Any]]) -> str:
+    rows = [[str(v.get("vm_id")), str(v.get("ram")), str(v.get("cpu")), _disks_cell(v.get("disks") or []),
+             _yes(v.get("connected")), _yes(v.get("authorized"))] for v in vms]
+    body = table(["VM_ID", "RAM_MIB", "CPU", "DISKS", "CONNECTED", "AUTHORIZED"], rows,
+                 [False, True, True, False, False, False])
+    return f"{body}\n({len(vms)} VM{'s' if len(vms) != 1 else ''})"
+
+
+def disk_table(disks: Sequence[dict[str, Any]]) -> str:
+    rows = [[str(d.get("disk_id")), str(d.get("size")), str(d.get("vm"))] for d in disks]
+    body = table(["DISK_ID", "SIZE_GIB", "VM"], rows, [False, True, False])
+    return f"{body}\n({len(disks)} disk{'s' if len(disks) != 1 else ''})"
+
+
+def vm_block(vm: dict[str, Any]) -> str:
+    disks = vm.get("disks") or []
+    fields = [
+        ("vm_id", vm.get("vm_id")),
+        ("id", vm.get("id")),
+        ("ram", f"{vm.get('ram')} MiB"),
+        ("cpu", vm.get("cpu")),
+        ("disks", ", ".join(f"{d.get('disk_id')} ({d.get('size')} GiB)" for d in disks) or "none"),
+        ("connected", _yes(vm.get("connected"))),
+        ("authorized", _yes(vm.get("authorized"))),
+        ("last_connected", vm.get("last_connected") or "never"),
+    ]
+    width = max(len(name) for name, _ in fields) + 1
+    return "\n".join(f"{name + ':':<{width}} {value}" for name, value in fields)
+
+
+def human(cmd: str, result: Any) -> str:
+    """The result of ``cmd`` as people read it; falls back to indented JSON for shapes it does not know."""
+    if isinstance(result, str):
+        return result
+    if isinstance(result, list):
+        if cmd == "get_all_disks" or (result and isinstance(result[0], dict) and "disk_id" in result[0]):
+            return disk_table(result) if result else "(no disks)"
+        if all(isinstance(v, dict) and "vm_id" in v for v in result):
+            return vm_table(result) if result else "(no VMs)"
+    if isinstance(result, dict) and "vm_id" in result and "disks" in result:
+        return vm_block(result)
+    return json.dumps(result, indent=2, ensure_ascii=False)
+
+
+def as_json(result: Any) -> str:
+    return json.dumps(result, separators=(",", ":"), ensure_ascii=False)
