@@ -172,9 +172,11 @@ class Client:
         :raises CommandError: (a subclass per error code) when the server answers with an error.
         :raises ConnectionLost: when the connection is or gets closed before the reply.
         :raises CallTimeout: when no reply comes within ``timeout`` seconds.
+        :raises ValueError, TypeError: when ``args`` cannot be encoded as JSON (NaN, sets, ...).
         """
         request_id = next(self._ids)
-        line = json.dumps({"cmd": cmd, "args": args, "id": request_id}, separators=(",", ":")) + "\n"
+        # allow_nan=False: NaN is not JSON; better a ValueError here than a bad_request there.
+        line = json.dumps({"cmd": cmd, "args": args, "id": request_id}, separators=(",", ":"), allow_nan=False) + "\n"
         return await self._exchange(line.encode("utf-8"), request_id, _masked(cmd, args), timeout)
 
     async def call_line(self, line: str, *, timeout: float | None = _DEFAULT) -> Any:
@@ -186,14 +188,14 @@ class Client:
         text = line.strip()
         if not text or text.startswith("#") or "\n" in text:
             raise ValueError("call_line needs exactly one request line")
-        request_id = None
+        request_id, name = None, text.split(None, 1)[0]
         if text.startswith("{"):  # a JSON envelope: keep the caller's id, if any, for matching
             try:
-                request_id = json.loads(text).get("id")
+                envelope = json.loads(text)
+                request_id, name = envelope.get("id"), str(envelope.get("cmd"))
             except (ValueError, AttributeError):
-                request_id = None
-        name = text.split(None, 1)[0]
-        shown = {"cmd": name, "line": redact(text)}
+                name = "?"
+        shown = {"cmd": redact(name), "line": redact(text)}
         return await self._exchange(text.encode("utf-8") + b"\n", request_id, shown, timeout)
 
     async def _exchange(self, data: bytes, request_id: Any, request: dict[str, Any], timeout: float | None) -> Any:
@@ -248,9 +250,13 @@ class Client:
             return
         if not self._pending:
             raise ProtocolViolation(f"a reply arrived with no call waiting: {line[:200]!r}")
-        pending = self._pending.popleft()
-        if message.get("id") != pending.id:
-            raise ProtocolViolation(f"reply id {message.get('id')!r} does not match the call's id {pending.id!r}")
+        pending = self._pending[0]
+        reply_id = message.get("id")
+        # Replies come in request order. A null id on an error is the server saying it could
+        # not read the request's id (too_large, bad_request): it still answers the head call.
+        if reply_id != pending.id and not (reply_id is None and message.get("ok") is False):
+            raise ProtocolViolation(f"reply id {reply_id!r} does not match the call's id {pending.id!r}")
+        self._pending.popleft()
         if pending.future.done():  # timed out or cancelled: nobody waits for this reply
             return
         if message.get("ok") is True:
