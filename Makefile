@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test clean
+.PHONY: run test demo clean
 
 # The stamps reinstall only when pyproject.toml changes.
 $(BIN)/python:
@@ -23,6 +23,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(ARGS)
+
+# Starts a server on a temporary database, runs the fleet demo against it, stops it.
+demo: $(VENV)/.installed
+	$(BIN)/python -m vmclient demo --spawn-server $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -119,7 +119,10 @@ class Client:
         try:
             line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
             hello = json.loads(line)["hello"] if line else None
-        except (asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+        except asyncio.TimeoutError as exc:
+            writer.close()
+            raise ConnectError(f"connected to {where}, but no greeting came within {self.connect_timeout}s") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             writer.close()
             raise ConnectError(f"{where} did not greet like a vmserver") from exc
         if not isinstance(hello, dict) or hello.get("server") != "vmserver":

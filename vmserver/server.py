@@ -22,6 +22,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 _TOO_LARGE = object()  # read_line's answer for an over-long line (already discarded)
+_BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
 _WRITE_HIGH_WATER = 256 * 1024  # wait for the peer to read once this much output is queued
 
 
@@ -52,7 +53,8 @@ class Server:
     async def start(self) -> None:
         # The reader's limit allows the longest line plus a '\r'; longer lines are cut by us.
         self._server = await asyncio.start_server(
-            self._serve, self.config.host, self.config.port, limit=self.config.max_line + 1)
+            self._serve, self.config.host, self.config.port, limit=self.config.max_line + 1,
+            backlog=_BACKLOG)
 
     @property
     def address(self) -> tuple[str, int]:
