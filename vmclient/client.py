@@ -53,7 +53,7 @@ class VM(TypedDict):
     last_connected: str | None
 
 
-_SECRET_INLINE = re.compile(r'(\bpassword\s*=\s*)("(?:[^"\\]|\\.)*"|\S+)')
+_SECRET_INLINE = re.compile(r'(\bpassword\s*=\s*)("(?:[^"\\]|\\.)*"|\[[^\]]*\]?|\{[^}]*\}?|\S+)')
 _SECRET_JSON = re.compile(r'("password"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\s]+)')
 
 
@@ -170,7 +170,11 @@ class Client:
     # --- calls ----------------------------------------------------------------------
 
     async def call(self, cmd: str, /, *, timeout: float | None = _DEFAULT, **args: Any) -> Any:
-        """Send one command and return its ``result``.
+        """Send one command and return its ``result``. See :meth:`request` for what it raises."""
+        return await self.request(cmd, args, timeout=timeout)
+
+    async def request(self, cmd: str, args: dict[str, Any], *, timeout: float | None = _DEFAULT) -> Any:
+        """Like :meth:`call`, with the arguments as a dict (so any name, even ``timeout``, can be sent).
 
         :raises CommandError: (a subclass per error code) when the server answers with an error.
         :raises ConnectionLost: when the connection is or gets closed before the reply.

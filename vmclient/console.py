@@ -31,17 +31,45 @@ def history_path(environ: dict[str, str] | os._Environ[str] = os.environ) -> Pat
     return Path(base) / "vmclient" / "history"
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Duplicate(f"argument {key!r} given twice")
+        obj[key] = value
+    return obj
+
+
+def _reject(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+# protocol.md's JSON: no NaN/Infinity, no overflowing numbers, no duplicate keys.
+_strict = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject, parse_float=_finite)
+
+
 def parse_argv_command(words: list[str]) -> tuple[str, dict[str, Any]]:
     """A one-shot command from shell words: ``NAME key=value ...`` or ``NAME '{json}'``.
 
-    Each word is one argument, so shell quoting is respected exactly; values are JSON when
-    they parse, text otherwise (the inline form's rule).
+    Each word is one argument, so shell quoting is respected exactly; values follow the inline
+    form's rule (protocol.md): JSON when they parse as strict JSON, text otherwise.
 
-    :raises ValueError: for a word that is not key=value.
+    :raises ValueError: for a word that is not key=value, or a key given twice.
     """
     name, rest = words[0], words[1:]
     if len(rest) == 1 and rest[0].lstrip().startswith("{"):
-        args = json.loads(rest[0])
+        args = _strict.decode(rest[0])
         if not isinstance(args, dict):
             raise ValueError("the arguments must be one JSON object")
         return name, args
@@ -50,9 +78,11 @@ def parse_argv_command(words: list[str]) -> tuple[str, dict[str, Any]]:
         key, sep, text = word.partition("=")
         if not sep or not key:
             raise ValueError(f"expected key=value, got {word!r}")
+        if key in args:
+            raise ValueError(f"argument {key!r} given twice")
         try:
-            args[key] = json.loads(text)
-        except ValueError:
+            args[key] = _strict.decode(text)
+        except (ValueError, RecursionError):
             args[key] = text
     return name, args
 
@@ -131,7 +161,7 @@ class Console:
 
     async def run_command(self, name: str, args: dict[str, Any]) -> int:
         """Run one command given as a name and arguments (one-shot mode)."""
-        return await self._run(name, lambda c: c.call(name, **args))
+        return await self._run(name, lambda c: c.request(name, args))
 
     async def _run(self, name: str, send: Any) -> int:
         try:
@@ -150,6 +180,9 @@ class Console:
         except ClientError as exc:
             self.note(f"error: {exc}")
             return EXIT_CONNECTION_ERROR
+        except (ValueError, TypeError) as exc:  # arguments that cannot be sent as JSON
+            self.note(f"error: {exc}")
+            return EXIT_COMMAND_ERROR
         self._track(name, result)
         self.show(render.as_json(result) if self.as_json else render.human(name, result))
         return EXIT_OK
@@ -209,6 +242,9 @@ class _History:
             os.close(fd)
             os.chmod(path, 0o600)
             readline.read_history_file(str(path))
+            readline.set_history_length(HISTORY_LENGTH)
+            readline.write_history_file(str(path))  # trims the file to the last HISTORY_LENGTH lines
+            os.chmod(path, 0o600)
             self.ok = True
         except OSError:
             self.ok = False  # history is a comfort, not a requirement

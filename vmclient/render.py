@@ -14,18 +14,16 @@ def _yes(value: Any) -> str:
 
 
 def _disks_cell(disks: Sequence[dict[str, Any]]) -> str:
+    """``id:sizeG`` of each disk, as many as fit in _DISKS_WIDTH, then a count of the rest."""
     if not disks:
         return "-"
     parts = [f"{d.get('disk_id')}:{d.get('size')}G" for d in disks]
-    cell = ",".join(parts)
-    if len(cell) <= _DISKS_WIDTH:
-        return cell
-    shown: list[str] = []
-    for part in parts:
-        if len(",".join([*shown, part])) > _DISKS_WIDTH - 8:
-            break
-        shown.append(part)
-    return ",".join(shown) + f",+{len(parts) - len(shown)} more"
+    for shown in range(len(parts), 0, -1):
+        rest = len(parts) - shown
+        cell = ",".join(parts[:shown]) + (f",+{rest} more" if rest else "")
+        if len(cell) <= _DISKS_WIDTH:
+            return cell
+    return f"{len(parts)} disk{'s' if len(parts) != 1 else ''}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
