@@ -100,7 +100,7 @@ async def test_in_flight_command_finishes_on_sigterm(spawn, tmp_path):
     w2 = await Wire.open(p2.wait_listening())
     vms = await w2.ok("get_all_vms")
     assert [(v["vm_id"], [d["disk_id"] for d in v["disks"]]) for v in vms] == [("inflight", ["if-d"])]
-    await w2.ok("connect_vm", vm_id="inflight")
+    await w2.ok("connect_vm", vm_id="inflight", password="slow-hash")
     assert await w2.error("authorize_vm", vm_id="inflight", password="other") == "auth_failed"
     assert (await w2.ok("authorize_vm", vm_id="inflight", password="slow-hash"))["authorized"] is True
     await w2.close()

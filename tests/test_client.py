@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(15)
 HOST = "127.0.0.1"
 STEP = 5.0  # no single await in these tests may take longer than this
 COMMANDS = ["add_vm", "connect_vm", "authorize_vm", "deauthorize_vm", "update_vm", "disconnect_vm",
-            "get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks", "health"]
+            "get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks", "health", "auth"]
 GREETING = b'{"hello":{"server":"vmserver","version":"x","protocol":1,"commands":[]}}\n'
 REPO = Path(__file__).resolve().parent.parent
 
@@ -258,7 +258,7 @@ async def test_every_operation_method(client: vmclient.Client) -> None:
 
     auth1 = await bounded(c.authorize_vm("vm-1"))
     assert auth1["authorized"] is True and auth1["connected"] is True
-    await bounded(c.connect_vm("vm-2"))
+    await bounded(c.connect_vm("vm-2", password="s3cret"))
     auth2 = await bounded(c.authorize_vm("vm-2", password="s3cret"))
     assert auth2["vm_id"] == "vm-2" and auth2["authorized"] is True
 
@@ -308,7 +308,7 @@ async def test_call_generic(client: vmclient.Client) -> None:
     vm = await bounded(client.call("add_vm", vm_id="vm-x", ram=64, cpu=1, disks=[d("dx", 3)], password="pw"))
     assert (vm["vm_id"], vm["ram"], vm["cpu"], vm["disks"][0]["disk_id"]) == ("vm-x", 64, 1, "dx")
     assert [v["vm_id"] for v in await bounded(client.call("get_all_vms"))] == ["vm-x"]
-    await bounded(client.call("connect_vm", vm_id="vm-x"))
+    await bounded(client.call("connect_vm", vm_id="vm-x", password="pw"))
     authorized = await bounded(client.call("authorize_vm", vm_id="vm-x", password="pw"))
     assert authorized["authorized"] is True
     # ``timeout`` is the client's option, never sent as an argument
@@ -357,7 +357,7 @@ async def test_call_line_json_envelope_error_names_its_command(client: vmclient.
 
 async def test_call_line_json_envelope_masks_password(client: vmclient.Client) -> None:
     await bounded(client.add_vm("vm-p", ram=1, cpu=1, disks=[], password="right-pw"))
-    await bounded(client.connect_vm("vm-p"))
+    await bounded(client.connect_vm("vm-p", password="right-pw"))
     line = '{"cmd":"authorize_vm","args":{"vm_id":"vm-p","password":"wrong-pw"}}'
     e = await raises(vmclient.AuthFailed, client.call_line(line))
     assert e.code == "auth_failed"
@@ -462,7 +462,7 @@ async def test_error_not_connected(client: vmclient.Client, client2: vmclient.Cl
     check_command_error(e, vmclient.NotConnected, "not_connected", "authorize_vm")
     assert e.request["args"] == {"vm_id": "vm-1", "password": "***"}
     no_secret(e, "pw-good")
-    await bounded(client.connect_vm("vm-1"))
+    await bounded(client.connect_vm("vm-1", password="pw-good"))
     e = await raises(vmclient.NotConnected, client2.disconnect_vm("vm-1"))
     check_command_error(e, vmclient.NotConnected, "not_connected", "disconnect_vm")
 
@@ -477,7 +477,7 @@ async def test_error_not_authorized(client: vmclient.Client) -> None:
 
 async def test_error_auth_failed(client: vmclient.Client) -> None:
     await bounded(client.add_vm("vm-2", ram=1, cpu=1, disks=[], password="s3cret-right"))
-    await bounded(client.connect_vm("vm-2"))
+    await bounded(client.connect_vm("vm-2", password="s3cret-right"))
     e = await raises(vmclient.AuthFailed, client.authorize_vm("vm-2", password="s3cret-wrong"))
     check_command_error(e, vmclient.AuthFailed, "auth_failed", "authorize_vm")
     assert e.request == {"cmd": "authorize_vm", "args": {"vm_id": "vm-2", "password": "***"}}

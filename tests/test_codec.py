@@ -462,7 +462,10 @@ def test_encode_error_non_ascii_id():
 def test_encode_greeting_exact():
     out = encode_greeting("0.1.0", ["add_vm", "health"])
     assert out == (b'{"hello":{"server":"vmserver","version":"0.1.0","protocol":1,'
-                   b'"commands":["add_vm","health"]}}\n')
+                   b'"commands":["add_vm","health"],"auth_required":false}}\n')
+    out = encode_greeting("0.1.0", ["auth"], auth_required=True)
+    assert out == (b'{"hello":{"server":"vmserver","version":"0.1.0","protocol":1,'
+                   b'"commands":["auth"],"auth_required":true}}\n')
 
 
 _TS = re.compile(rb'"ts":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)"\}\n\Z')

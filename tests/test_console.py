@@ -420,7 +420,7 @@ def test_interactive_history_has_no_passwords(port, tmp_path):
         con.expect(prompt)
         out = con.command("add_vm vm_id=pw-1 ram=1 cpu=1 disks=[] password=topsecret", prompt)
         assert re.search(r"^vm_id:\s+pw-1$", out, re.M), out
-        con.command("connect_vm vm_id=pw-1", prompt)
+        con.command("connect_vm vm_id=pw-1 password=topsecret", prompt)
         out = con.command("authorize_vm vm_id=pw-1 password=topsecret", prompt)
         assert re.search(r"^authorized:\s+yes$", out, re.M), out
         out = con.command('authorize_vm {"vm_id":"pw-1","password":"topsecret"}', prompt)
@@ -437,7 +437,7 @@ def test_interactive_history_has_no_passwords(port, tmp_path):
     assert "add_vm vm_id=pw-1 ram=1 cpu=1 disks=[] password=***" in text
     assert "authorize_vm vm_id=pw-1 password=***" in text
     assert '"password":"***"' in text
-    assert "connect_vm vm_id=pw-1" in text
+    assert "connect_vm vm_id=pw-1 password=***" in text
 
 
 def test_interactive_ctrl_d_exits_0(port, tmp_path):

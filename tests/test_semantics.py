@@ -170,7 +170,8 @@ async def test_race_add_same_vm_id_with_password(wire, connect):
         assert [d["disk_id"] for d in find(vms, vm_id)["disks"]] == [f"{vm_id}-{winner + 1}"]
         assert len(vms) == i + 1 and len(disks) == i + 1
         # The stored password is the winner's.
-        await a.ok("connect_vm", vm_id=vm_id)
+        assert await a.error("connect_vm", vm_id=vm_id, password=("two", "one")[winner]) == "auth_failed"
+        await a.ok("connect_vm", vm_id=vm_id, password=("one", "two")[winner])
         assert await a.error("authorize_vm", vm_id=vm_id, password=("two", "one")[winner]) == "auth_failed"
         await a.ok("authorize_vm", vm_id=vm_id, password=("one", "two")[winner])
 
@@ -336,7 +337,7 @@ async def test_password_flow_never_echoes_password(wire, connect):
     assert r["ok"] is True and "password" not in r["result"] and "password_hash" not in r["result"]
     r = await call(wire, "add_vm", **vm_args("nopw", "nopw-d"))
     assert r["ok"] is True
-    assert (await call(wire, "connect_vm", vm_id="pw"))["ok"] is True
+    assert (await call(wire, "connect_vm", vm_id="pw", password=secret))["ok"] is True
     assert (await call(wire, "connect_vm", vm_id="nopw"))["ok"] is True
 
     r = await call(wire, "authorize_vm", vm_id="pw")
@@ -371,7 +372,7 @@ async def test_password_flow_never_echoes_password(wire, connect):
 
 async def test_authorize_again_rechecks_password(wire):
     await wire.ok("add_vm", **vm_args("ra", "ra-d"), password="good")
-    await wire.ok("connect_vm", vm_id="ra")
+    await wire.ok("connect_vm", vm_id="ra", password="good")
     await wire.ok("authorize_vm", vm_id="ra", password="good")
     assert await wire.error("authorize_vm", vm_id="ra", password="bad") == "auth_failed"
     assert await wire.error("authorize_vm", vm_id="ra") == "auth_failed"
@@ -472,7 +473,7 @@ async def test_restart_keeps_inventory(tmp_path: Path):
         await w.ok("add_vm", **vm_args("k1", "k1-a", "k1-b", ram=2048, cpu=2), password="keep-me")
         await w.ok("add_vm", **vm_args("k2", "k2-a"))
         await w.ok("connect_vm", **vm_args("k3", "k3-a", ram=64))
-        await w.ok("connect_vm", vm_id="k1")
+        await w.ok("connect_vm", vm_id="k1", password="keep-me")
         await w.ok("authorize_vm", vm_id="k1", password="keep-me")
         await w.ok("connect_vm", vm_id="k2")
         await w.ok("update_vm", vm_id="k1", disks=[disk("k1-b", 77), disk("k1-c", 1)])  # needs authorize
@@ -497,10 +498,11 @@ async def test_restart_keeps_inventory(tmp_path: Path):
         assert await w2.ok("get_authorized_vms") == []
 
         k1 = find(vms_after, "k1")
-        rec = await w2.ok("connect_vm", vm_id="k1")
+        assert await w2.error("connect_vm", vm_id="k1", password="nope") == "auth_failed"
+        rec = await w2.ok("connect_vm", vm_id="k1", password="keep-me")
         assert rec["id"] == k1["id"] and rec["last_connected"] >= k1["last_connected"]
         assert await w2.error("authorize_vm", vm_id="k1") == "auth_failed"
-        assert await w2.error("authorize_vm", vm_id="k1", password="nope") == "auth_failed"
+        assert await w2.error("authorize_vm", vm_id="k1", password="nope2") == "auth_failed"
         assert (await w2.ok("authorize_vm", vm_id="k1", password="keep-me"))["authorized"] is True
         # k2 had no password and still has none.
         await w2.ok("connect_vm", vm_id="k2")

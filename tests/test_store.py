@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import sqlite3
@@ -312,13 +314,41 @@ def persistent_state(inv: Inventory) -> tuple:
     return vms, disks
 
 
-def reloaded_state(path: str) -> tuple:
-    """persistent_state of a fresh Inventory loaded from the file by a second connection."""
-    fresh = Inventory(Store(path))
+@contextmanager
+def loaded_snapshot(path: str) -> Iterator[Inventory]:
+    """A fresh Inventory loaded from a snapshot of the file (SQLite's backup API).
+
+    A snapshot, since a second Store on the live file is refused by its lock.
+    """
+    copy = f"{path}.snapshot"
+    with contextlib.closing(sqlite3.connect(path)) as src, contextlib.closing(sqlite3.connect(copy)) as dst:
+        src.backup(dst)
+    fresh = Inventory(Store(copy))
     try:
-        return persistent_state(fresh)
+        yield fresh
     finally:
         fresh.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            if os.path.exists(copy + suffix):
+                os.remove(copy + suffix)
+
+
+def reloaded_state(path: str) -> tuple:
+    """persistent_state of a fresh Inventory loaded from (a snapshot of) the file."""
+    with loaded_snapshot(path) as fresh:
+        return persistent_state(fresh)
+
+
+def test_second_store_on_the_same_file_is_refused(path):
+    first = Store(path)
+    try:
+        with pytest.raises(StoreError) as info:
+            Store(path)
+        assert "in use by another vmserver" in str(info.value) and path in str(info.value)
+        assert str(os.getpid()) in str(info.value)
+    finally:
+        first.close()
+    Store(path).close()  # released by close()
 
 
 def assert_caches_fresh(inv: Inventory) -> None:
@@ -423,8 +453,7 @@ def test_inventory_matches_a_fresh_load_after_many_operations(inventory, path):
     inventory.update("vm-c", s1, None, None, ())
 
     assert_caches_fresh(inventory)
-    fresh = Inventory(Store(path))
-    try:
+    with loaded_snapshot(path) as fresh:
         assert persistent_state(fresh) == persistent_state(inventory)
 
         vms, disks = persistent_state(inventory)
@@ -441,5 +470,3 @@ def test_inventory_matches_a_fresh_load_after_many_operations(inventory, path):
         assert inventory.all_vms_json() == fresh.all_vms_json()
         assert inventory.all_disks_json() == fresh.all_disks_json()
         assert fresh.connected_vms_json() == b"[]" and fresh.authorized_vms_json() == b"[]"
-    finally:
-        fresh.close()

@@ -130,11 +130,11 @@ async def test_greeting_line_exact(server: Server) -> None:
     try:
         commands = ",".join(f'"{name}"' for name in list(COMMANDS))
         expected = ('{"hello":{"server":"vmserver","version":"' + vmserver.__version__
-                    + '","protocol":1,"commands":[' + commands + "]}}\n").encode()
+                    + '","protocol":1,"commands":[' + commands + '],"auth_required":false}}\n').encode()
         assert greeting == expected
         assert json.loads(greeting)["hello"]["commands"] == [
             "add_vm", "connect_vm", "authorize_vm", "deauthorize_vm", "update_vm", "disconnect_vm",
-            "get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks", "health"]
+            "get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks", "health", "auth"]
         # the greeting is sent once; the next line is the answer to our first request
         assert await rt(w, req("health", 1)) == ok("1", '"OK"')
     finally:
@@ -287,7 +287,7 @@ async def test_empty_lists_exact(wire: Wire) -> None:
 
 async def test_authorize_with_password(wire: Wire) -> None:
     await rt(wire, req("add_vm", 1, vm_id="pw", ram=1, cpu=1, disks=[], password="s3cret"))
-    await rt_ts(wire, req("connect_vm", 2, vm_id="pw"), 1)
+    await rt_ts(wire, req("connect_vm", 2, vm_id="pw", password="s3cret"), 1)
     assert await rt(wire, req("authorize_vm", 3, vm_id="pw")) == err(
         "3", "auth_failed", "VM 'pw' has a password: give password=...")
     assert await rt(wire, req("authorize_vm", 4, vm_id="pw", password="wrong")) == err(
@@ -300,7 +300,7 @@ async def test_authorize_with_password(wire: Wire) -> None:
 
 async def test_authorize_again_rechecks_password_and_failure_changes_nothing(wire: Wire) -> None:
     await rt(wire, req("add_vm", 1, vm_id="pw", ram=1, cpu=1, disks=[], password="s3cret"))
-    await rt_ts(wire, req("connect_vm", 2, vm_id="pw"), 1)
+    await rt_ts(wire, req("connect_vm", 2, vm_id="pw", password="s3cret"), 1)
     authorized = ok("3", rec(1, "pw", 1, 1, [], True, True, True))
     line, _ = await rt_ts(wire, req("authorize_vm", 3, vm_id="pw", password="s3cret"), 1)
     assert line == authorized

@@ -12,12 +12,12 @@ from .client import DEFAULT_PORT, VM, Client, Disk, DiskSpec, connect
 from .errors import (
     AlreadyExists, AuthFailed, BadRequest, CallTimeout, ClientError, CommandError, Conflict, ConnectError,
     ConnectionLost, InternalError, InvalidArgs, NotAuthorized, NotConnected, NotFound, ProtocolViolation,
-    TooLarge, UnknownCommand,
+    TooLarge, Unauthenticated, Unavailable, UnknownCommand,
 )
 
 __all__ = [
     "DEFAULT_PORT", "Client", "connect", "VM", "Disk", "DiskSpec",
     "ClientError", "ConnectError", "ConnectionLost", "CallTimeout", "ProtocolViolation", "CommandError",
     "BadRequest", "TooLarge", "UnknownCommand", "InvalidArgs", "NotFound", "AlreadyExists", "Conflict",
-    "NotConnected", "NotAuthorized", "AuthFailed", "InternalError",
+    "NotConnected", "NotAuthorized", "AuthFailed", "Unauthenticated", "Unavailable", "InternalError",
 ]

@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="print raw JSON results (the default when stdout is not a terminal)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply (default 60)")
     parser.add_argument("--no-history", action="store_true", help="do not read or write the history file")
+    parser.add_argument("--token-file", metavar="PATH", default=os.environ.get("VMSERVER_TOKEN_FILE"),
+                        help="file whose first line is the server's token [VMSERVER_TOKEN_FILE]; "
+                        "or set VMSERVER_TOKEN (a token is never taken from the command line)")
+    parser.add_argument("--tls", action="store_true", help="speak TLS to the server")
+    parser.add_argument("--cafile", metavar="PEM", help="CA or self-signed certificate to trust (implies --tls)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="a command and its key=value arguments")
     return parser
 
@@ -46,7 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: bad usage is status 2, --help is 0
         return int(exc.code or 0)
     as_json = args.json or not sys.stdout.isatty()
-    console = Console(args.host, args.port, as_json=as_json, timeout=args.timeout)
+    token = os.environ.get("VMSERVER_TOKEN") or None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.readline().strip() or None
+        except OSError as exc:
+            print(f"error: cannot read token file: {exc}", file=sys.stderr)
+            return 2
+    console = Console(args.host, args.port, as_json=as_json, timeout=args.timeout, token=token,
+                      tls=args.tls or bool(args.cafile), cafile=args.cafile)
     with asyncio.Runner() as runner:
         if args.command:
             return one_shot(console, runner, args.command)

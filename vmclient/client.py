@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import re
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
 from .errors import (
-    CallTimeout, ConnectError, ConnectionLost, ProtocolViolation, error_for,
+    CallTimeout, ClientError, ConnectError, ConnectionLost, ProtocolViolation, error_for,
 )
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,20 @@ class VM(TypedDict):
     last_connected: str | None
 
 
-_SECRET_INLINE = re.compile(r'(\bpassword\s*=\s*)("(?:[^"\\]|\\.)*"|\[[^\]]*\]?|\{[^}]*\}?|\S+)')
-_SECRET_JSON = re.compile(r'("password"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\s]+)')
+_SECRET_INLINE = re.compile(r'(\b(?:password|token)\s*=\s*)("(?:[^"\\]|\\.)*"|\[[^\]]*\]?|\{[^}]*\}?|\S+)')
+_SECRET_JSON = re.compile(r'("(?:password|token)"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\s]+)')
 
 
 def redact(line: str) -> str:
-    """A request line with every password value replaced by ``***`` (for errors, logs, history)."""
+    """A request line with every password and token value replaced by ``***`` (errors, logs, history)."""
     return _SECRET_JSON.sub(r'\1"***"', _SECRET_INLINE.sub(r"\1***", line))
 
 
 def _masked(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
     """The request as kept in errors and logs: never with a password in it."""
-    if "password" in args:
-        args = {**args, "password": "***"}
+    secret = [key for key in ("password", "token") if key in args]
+    if secret:
+        args = {**args, **{key: "***" for key in secret}}
     return {"cmd": cmd, "args": args}
 
 
@@ -82,14 +84,22 @@ class Client:
     :param timeout: default seconds each call waits for its reply (None: forever).
     :param connect_timeout: seconds to connect and receive the greeting.
     :param max_reply: longest reply line accepted, in bytes.
+    :param token: the server's shared token, presented with ``auth`` on every (re)connect.
+    :param tls: True to speak TLS (verifying the server against ``cafile``, or the system's
+        CAs), or a ready ``ssl.SSLContext``.
+    :param cafile: PEM file of the CA (or the self-signed certificate) to trust for TLS.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, timeout: float | None = 30.0,
-                 connect_timeout: float = 10.0, max_reply: int = MAX_REPLY) -> None:
+                 connect_timeout: float = 10.0, max_reply: int = MAX_REPLY, token: str | None = None,
+                 tls: bool | ssl.SSLContext = False, cafile: str | None = None) -> None:
         self.host, self.port = host, port
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_reply = max_reply
+        self._token = token
+        self._tls = tls
+        self._cafile = cafile
         self.server_info: dict[str, Any] = {}  # the greeting's "hello" object
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -108,33 +118,56 @@ class Client:
         if self._writer is not None:
             return self
         where = f"{self.host}:{self.port}"
+        context = self._ssl_context()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=self.max_reply), self.connect_timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                self.host, self.port, limit=self.max_reply, ssl=context,
+                server_hostname=self.host if context else None), self.connect_timeout)
         except asyncio.TimeoutError as exc:
             raise ConnectError(f"cannot connect to {where}: timed out after {self.connect_timeout}s") from exc
+        except ssl.SSLError as exc:
+            raise ConnectError(f"cannot connect to {where}: TLS failed: {exc.reason or exc}") from exc
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConnectError(f"cannot connect to {where}: {reason}") from exc
         try:
-            line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
-            hello = json.loads(line)["hello"] if line else None
-        except asyncio.TimeoutError as exc:
+            hello = await self._greeting(reader, where)
+        except BaseException:
             writer.close()
-            raise ConnectError(f"connected to {where}, but no greeting came within {self.connect_timeout}s") from exc
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            writer.close()
-            raise ConnectError(f"{where} did not greet like a vmserver") from exc
-        if not isinstance(hello, dict) or hello.get("server") != "vmserver":
-            writer.close()
-            raise ConnectError(f"{where} is not a vmserver (greeting: {line[:200]!r})")
-        if hello.get("protocol") != PROTOCOL_VERSION:
-            writer.close()
-            raise ConnectError(f"{where} speaks protocol {hello.get('protocol')}, this client {PROTOCOL_VERSION}")
+            raise
         self.server_info = hello
         self._reader, self._writer, self._lost = reader, writer, None
         self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
+        if self._token is not None:
+            try:
+                await self.auth(self._token)
+            except ClientError as exc:
+                await self.close()
+                raise ConnectError(f"{where} did not accept the token: {exc}") from exc
         return self
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if isinstance(self._tls, ssl.SSLContext):
+            return self._tls
+        return ssl.create_default_context(cafile=self._cafile) if self._tls or self._cafile else None
+
+    async def _greeting(self, reader: asyncio.StreamReader, where: str) -> dict[str, Any]:
+        try:
+            line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+            first = json.loads(line) if line else None
+        except asyncio.TimeoutError as exc:
+            raise ConnectError(f"connected to {where}, but no greeting came within {self.connect_timeout}s") from exc
+        except (OSError, ValueError) as exc:
+            raise ConnectError(f"{where} did not greet like a vmserver") from exc
+        if isinstance(first, dict) and isinstance(first.get("error"), dict):  # e.g. too many connections
+            error = first["error"]
+            raise ConnectError(f"{where} refused the connection: {error.get('code')}: {error.get('message')}")
+        hello = first.get("hello") if isinstance(first, dict) else None
+        if not isinstance(hello, dict) or hello.get("server") != "vmserver":
+            raise ConnectError(f"{where} is not a vmserver (greeting: {line[:200]!r})")
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            raise ConnectError(f"{where} speaks protocol {hello.get('protocol')}, this client {PROTOCOL_VERSION}")
+        return hello
 
     @property
     def connected(self) -> bool:
@@ -353,6 +386,13 @@ class Client:
 
     async def health(self, *, timeout: float | None = _DEFAULT) -> str:
         return await self.call("health", timeout=timeout)
+
+    async def auth(self, token: str, *, timeout: float | None = _DEFAULT) -> str:
+        """Present the server's shared token (done by connect() when ``token=`` was given).
+
+        :raises AuthFailed: wrong token.
+        """
+        return await self.call("auth", timeout=timeout, token=token)
 
 
 def _present(**args: Any) -> dict[str, Any]:

@@ -66,6 +66,8 @@ _ALL = [
     CommandInfo("get_authorized_vms", "List the VMs authorized now.", (), "get_authorized_vms"),
     CommandInfo("get_all_disks", "List every disk with its VM.", (), "get_all_disks"),
     CommandInfo("health", 'Liveness check: "OK".', (), "health"),
+    CommandInfo("auth", "Present the server's shared token (first, when the server has one).",
+                (Arg("token", "str", True, "the shared token"),), "auth token=..."),
 ]
 
 COMMANDS: dict[str, CommandInfo] = {info.name: info for info in _ALL}

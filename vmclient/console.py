@@ -91,8 +91,9 @@ class Console:
     """One console session: a connection that comes back on the next command after it drops."""
 
     def __init__(self, host: str, port: int, *, as_json: bool, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr, timeout: float | None = 60.0) -> None:
+                 err: TextIO = sys.stderr, timeout: float | None = 60.0, **client_options: Any) -> None:
         self.host, self.port = host, port
+        self.client_options = client_options  # token, tls, cafile: see Client
         self.as_json = as_json
         self.out, self.err = out, err
         self.timeout = timeout
@@ -123,7 +124,7 @@ class Console:
             await client.close()
             self.client = None
             self._say_lost()
-        client = await Client(self.host, self.port, timeout=self.timeout).connect()
+        client = await Client(self.host, self.port, timeout=self.timeout, **self.client_options).connect()
         self.client = client
         self._sessions += 1
         if self._sessions > 1:

@@ -282,7 +282,7 @@ async def _agent(run: _Run, i: int) -> None:
                         lambda vm: _vm_mismatch(vm, me, 1, connected=False, authorized=False))
     await _sync(run)
 
-    await run.expect_ok("connect", f"agent {i} connect_vm {me.vm_id}", client.connect_vm(me.vm_id),
+    await run.expect_ok("connect", f"agent {i} connect_vm {me.vm_id}", client.connect_vm(me.vm_id, password=me.password),
                         lambda vm: _vm_mismatch(vm, me, 1, connected=True, authorized=False))
     await _sync(run)
 

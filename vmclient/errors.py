@@ -9,7 +9,8 @@
      +-- ProtocolViolation   the server sent something protocol v1 does not allow
      +-- CommandError        the server answered with an error (``.code``, ``.message``, ``.request``)
           +-- BadRequest, TooLarge, UnknownCommand, InvalidArgs, NotFound, AlreadyExists,
-              Conflict, NotConnected, NotAuthorized, AuthFailed, InternalError
+              Conflict, NotConnected, NotAuthorized, AuthFailed, Unauthenticated,
+              Unavailable, InternalError
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ class AuthFailed(CommandError):
     code = "auth_failed"
 
 
+class Unauthenticated(CommandError):
+    """The server has a token and this session has not presented it (``Client(token=...)``)."""
+
+    code = "unauthenticated"
+
+
+class Unavailable(CommandError):
+    """The server cannot serve this now (for example: too many connections)."""
+
+    code = "unavailable"
+
+
 class InternalError(CommandError):
     code = "internal"
 
@@ -101,7 +114,8 @@ class InternalError(CommandError):
 ERROR_CLASSES: dict[str, type[CommandError]] = {
     cls.code: cls
     for cls in (BadRequest, TooLarge, UnknownCommand, InvalidArgs, NotFound, AlreadyExists,
-                Conflict, NotConnected, NotAuthorized, AuthFailed, InternalError)
+                Conflict, NotConnected, NotAuthorized, AuthFailed, Unauthenticated, Unavailable,
+                InternalError)
 }
 
 

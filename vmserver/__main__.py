@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,16 @@ def _prepare_db_dir(db: str) -> None:
         parent.mkdir(mode=0o700, parents=True)
 
 
+def _raise_fd_limit(wanted: int) -> None:
+    """Each session is a file descriptor: lift the soft limit so --max-connections can be reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning("open-file limit %d is below --max-connections; sessions past it will fail to open", hard)
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -35,17 +47,24 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    _raise_fd_limit(config.max_connections + 64)
     try:
         _prepare_db_dir(config.db)
         server = await start_server(config)
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    except ssl.SSLError as exc:
+        log.error("cannot start: TLS certificate or key unusable (%s, %s): %s", config.tls_cert, config.tls_key, exc)
+        return 1
     except OSError as exc:
         log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), config.db)
         return 1
     host, port = server.address
-    log.info("vmserver %s listening on %s (db: %s)", __version__, _show(host, port), config.db)
+    extras = [name for name, on in (("TLS", config.tls_cert), ("token required", config.token),
+                                    ("passwords required", config.require_passwords)) if on]
+    log.info("vmserver %s listening on %s (db: %s%s)", __version__, _show(host, port), config.db,
+             "".join(f"; {e}" for e in extras))
     await stop.wait()
     log.info("shutting down: finishing commands in flight")
     await server.close()

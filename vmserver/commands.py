@@ -10,23 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
 from . import validation as v
+from .config import Config
 from .errors import CommandError, ErrorCode
-from .inventory import Inventory, Owner
-from .passwords import hash_password, verify_password
+from .inventory import VM, Inventory, Owner
+from .passwords import AttemptLimiter, hash_password, verify_password
 from .protocol import Request, encode_error, encode_ok
 from .store import StoreError
 from .validation import InvalidArgs, Param, Schema
 
 log = logging.getLogger(__name__)
 
+
+class Context:
+    """What handlers work with: the inventory and the server's security settings."""
+
+    def __init__(self, inventory: Inventory, config: Config) -> None:
+        self.inventory = inventory
+        self.token = None if config.token is None else config.token.encode("utf-8")
+        self.require_passwords = config.require_passwords
+        self.attempts = AttemptLimiter(config.auth_failures_allowed)
+
+
 Result = Union[bytes, Awaitable[bytes]]
-Handler = Callable[[Inventory, Owner, dict[str, Any]], Result]
+Handler = Callable[[Context, Owner, dict[str, Any]], Result]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +52,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+# Commands a session may send before it has authenticated (when the server has a token).
+OPEN_COMMANDS = frozenset(("auth", "health"))
 
 
 def command(name: str, summary: str, *params: Param) -> Callable[[Handler], Handler]:
@@ -50,6 +66,7 @@ def command(name: str, summary: str, *params: Param) -> Callable[[Handler], Hand
 
 _VM_ID = Param("vm_id", v.ident, True, "the VM's name")
 _PASSWORD = Param("password", v.password, False, "the VM's password")
+_OK = b'"OK"'
 
 
 def _spec(required: bool) -> tuple[Param, ...]:
@@ -60,33 +77,59 @@ def _spec(required: bool) -> tuple[Param, ...]:
     )
 
 
+def _need_password(ctx: Context, a: dict[str, Any]) -> None:
+    if ctx.require_passwords and "password" not in a:
+        raise InvalidArgs("password", "password: missing (this server requires every VM to have one)")
+
+
+async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | None, cmd: str) -> None:
+    """The VM's password must be given and right; guessing is slowed down per VM.
+
+    :raises CommandError: auth_failed.
+    """
+    assert vm.password_hash is not None
+    wait = ctx.attempts.wait_left(vm.vm_id, time.monotonic())
+    if wait > 0:
+        raise CommandError(ErrorCode.AUTH_FAILED,
+                           f"too many wrong passwords for VM {vm.vm_id!r}; try again in {wait:.0f}s")
+    if password is None:
+        raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
+    if await asyncio.to_thread(verify_password, password, vm.password_hash):
+        ctx.attempts.succeeded(vm.vm_id)
+        return
+    failures = ctx.attempts.failed(vm.vm_id, time.monotonic())
+    log.warning("%s %s: wrong password from %s (%d in a row)", cmd, vm.vm_id, session.name, failures)
+    raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm.vm_id!r}")
+
+
 # --- inventory and presence --------------------------------------------------------------
 
 
 @command("add_vm", "Register a VM with its disks (and optionally a password).", _VM_ID, *_spec(True), _PASSWORD)
-def add_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
+def add_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    _need_password(ctx, a)
+    inv = ctx.inventory
     inv.check_can_add(a["vm_id"], a["disks"])  # fail fast, before hashing
     if "password" not in a:
         return inv.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], None).json()
-    return _register_with_password(inv, a, None)
+    return _add_with_password(ctx, a)
 
 
-async def _register_with_password(inv: Inventory, a: dict[str, Any], owner: Owner | None) -> bytes:
+async def _add_with_password(ctx: Context, a: dict[str, Any]) -> bytes:
     password_hash = await asyncio.to_thread(hash_password, a["password"])
-    if owner is not None and inv.exists(a["vm_id"]):
-        return inv.connect(a["vm_id"], owner).json()  # registered by someone else meanwhile
-    return inv.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash, owner).json()
+    return ctx.inventory.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash).json()
 
 
 @command(
     "connect_vm",
-    "Connect a VM to this session; an unknown VM is registered first from ram, cpu, disks.",
+    "Connect a VM to this session (with its password if it has one); an unknown VM is registered first.",
     _VM_ID, *_spec(False), _PASSWORD,
 )
-def connect_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    vm_id = a["vm_id"]
+def connect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    _need_password(ctx, a)
+    inv, vm_id = ctx.inventory, a["vm_id"]
     if inv.exists(vm_id):
-        return inv.connect(vm_id, session).json()
+        return _connect_known(ctx, session, inv.get(vm_id), a.get("password"))
     for name in ("ram", "cpu", "disks"):
         if name not in a:
             raise InvalidArgs(
@@ -95,84 +138,128 @@ def connect_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
     inv.check_can_add(vm_id, a["disks"])
     if "password" not in a:
         return inv.add(vm_id, a["ram"], a["cpu"], a["disks"], None, session).json()
-    return _register_with_password(inv, a, session)
+    return _register_and_connect(ctx, session, a)
+
+
+def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -> Result:
+    inv = ctx.inventory
+    if vm.owner is session:
+        return vm.json()  # idempotent: this session already proved itself
+    if vm.owner is not None:
+        raise CommandError(ErrorCode.CONFLICT, f"VM {vm.vm_id!r} is connected by another session")
+    if vm.password_hash is None:
+        if ctx.require_passwords:
+            raise CommandError(ErrorCode.AUTH_FAILED,
+                               f"VM {vm.vm_id!r} has no password, but this server requires one for every VM")
+        return inv.connect(vm.vm_id, session).json()
+    return _connect_with_password(ctx, session, vm, password)
+
+
+async def _connect_with_password(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
+    # Without this check anyone could squat on a VM's identity by connecting it first.
+    await _check_password(ctx, session, vm, password, "connect_vm")
+    return ctx.inventory.connect(vm.vm_id, session).json()  # re-checks who holds it now
+
+
+async def _register_and_connect(ctx: Context, session: Owner, a: dict[str, Any]) -> bytes:
+    password_hash = await asyncio.to_thread(hash_password, a["password"])
+    inv = ctx.inventory
+    if inv.exists(a["vm_id"]):  # registered by someone else meanwhile: it is a known VM now
+        result = _connect_known(ctx, session, inv.get(a["vm_id"]), a["password"])
+        return result if type(result) is bytes else await result  # type: ignore[misc]
+    return inv.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash, session).json()
 
 
 @command("authorize_vm", "Authorize a VM this session connected (its password if it has one).", _VM_ID, _PASSWORD)
-def authorize_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    vm = inv.held_by(a["vm_id"], session)
+def authorize_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    vm = ctx.inventory.held_by(a["vm_id"], session)
     if vm.password_hash is None:
-        return inv.authorize(vm.vm_id, session).json()
-    if "password" not in a:
-        raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
-    return _authorize_with_password(inv, session, vm.vm_id, a["password"], vm.password_hash)
+        return ctx.inventory.authorize(vm.vm_id, session).json()
+    return _authorize_with_password(ctx, session, vm, a.get("password"))
 
 
-async def _authorize_with_password(inv: Inventory, session: Owner, vm_id: str, password: str, stored: str) -> bytes:
-    if not await asyncio.to_thread(verify_password, password, stored):
-        log.warning("authorize_vm %s: wrong password from %s", vm_id, getattr(session, "name", "?"))
-        raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm_id!r}")
-    return inv.authorize(vm_id, session).json()  # re-checks the session still holds it
+async def _authorize_with_password(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
+    await _check_password(ctx, session, vm, password, "authorize_vm")
+    return ctx.inventory.authorize(vm.vm_id, session).json()  # re-checks the session still holds it
 
 
 @command("deauthorize_vm", "Withdraw this session's authorization of a VM; it stays connected.", _VM_ID)
-def deauthorize_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    return inv.deauthorize(a["vm_id"], session).json()
+def deauthorize_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.deauthorize(a["vm_id"], session).json()
 
 
 @command("update_vm", "Change an authorized VM's ram, cpu and/or disks (disks replaces the set).", _VM_ID, *_spec(False))
-def update_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
+def update_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     if len(a) == 1:
         raise InvalidArgs("ram", "ram, cpu, disks: update_vm needs at least one of them")
-    return inv.update(a["vm_id"], session, a.get("ram"), a.get("cpu"), a.get("disks")).json()
+    return ctx.inventory.update(a["vm_id"], session, a.get("ram"), a.get("cpu"), a.get("disks")).json()
 
 
 @command("disconnect_vm", "Disconnect a VM this session connected (also ends its authorization).", _VM_ID)
-def disconnect_vm(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    return inv.disconnect(a["vm_id"], session).json()
+def disconnect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.disconnect(a["vm_id"], session).json()
 
 
 # --- lists -------------------------------------------------------------------------------
 
 
 @command("get_all_vms", "List every VM, ordered by id.")
-def get_all_vms(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    return inv.all_vms_json()
+def get_all_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.all_vms_json()
 
 
 @command("get_connected_vms", "List the VMs connected now, ordered by id.")
-def get_connected_vms(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    return inv.connected_vms_json()
+def get_connected_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.connected_vms_json()
 
 
 @command("get_authorized_vms", "List the VMs authorized now, ordered by id.")
-def get_authorized_vms(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    return inv.authorized_vms_json()
+def get_authorized_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.authorized_vms_json()
 
 
 @command("get_all_disks", "List every disk with the name of its VM, ordered by id.")
-def get_all_disks(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
-    return inv.all_disks_json()
+def get_all_disks(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.all_disks_json()
 
-
-_OK = b'"OK"'
 
 
 @command("health", 'Liveness check; the result is "OK".')
-def health(inv: Inventory, session: Owner, a: dict[str, Any]) -> Result:
+def health(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     return _OK
+
+
+# --- the session ---------------------------------------------------------------------------
+
+
+@command("auth", "Present the server's shared token; required first when the server has one.",
+         Param("token", v.token, True, "the shared token"))
+def auth(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    if ctx.token is None or hmac.compare_digest(a["token"].encode("utf-8"), ctx.token):
+        session.authenticated = True
+        return _OK
+    return _refuse_token(session)
+
+
+async def _refuse_token(session: Owner) -> bytes:
+    log.warning("auth: wrong token from %s", session.name)
+    await asyncio.sleep(0.5)  # one guess per half second per connection, and connections are capped
+    raise CommandError(ErrorCode.AUTH_FAILED, "wrong token")
 
 
 # --- dispatch ----------------------------------------------------------------------------
 
 
-async def execute(inv: Inventory, session: Owner, request: Request) -> bytes:
+async def execute(ctx: Context, session: Owner, request: Request) -> bytes:
     """Run one request and return its reply line. Never raises for anything the request did."""
     cmd = COMMANDS.get(request.cmd)
     if cmd is None:
         return encode_error(request.id, ErrorCode.UNKNOWN_COMMAND, _unknown(request.cmd))
+    if not session.authenticated and cmd.name not in OPEN_COMMANDS:
+        return encode_error(request.id, ErrorCode.UNAUTHENTICATED,
+                            "this server requires a token: send auth token=... first")
     try:
-        result = cmd.handler(inv, session, cmd.schema.validate(cmd.name, request.args))
+        result = cmd.handler(ctx, session, cmd.schema.validate(cmd.name, request.args))
         if type(result) is not bytes:
             result = await result
     except InvalidArgs as exc:

@@ -22,13 +22,21 @@ def default_db_path(environ: Mapping[str, str] = os.environ) -> str:
 
 @dataclass
 class Config:
-    host: str = "127.0.0.1"  # loopback unless told otherwise: the protocol has no auth yet
+    host: str = "127.0.0.1"  # loopback unless told otherwise: exposing it should be a decision
     port: int = 8888
     db: str = field(default_factory=default_db_path)
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "INFO"
+    idle_timeout: float = 3600.0  # seconds without a request before a session is closed; 0: never
+    write_timeout: float = 30.0  # seconds a session may leave its replies unread before it is dropped
+    max_connections: int = 10000
+    token: str | None = field(default=None, repr=False)  # shared secret; None: no authentication
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    require_passwords: bool = False
     busy_timeout_ms: int = 5000  # how long a write waits for another process's lock
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on shutdown
+    auth_failures_allowed: int = 5  # per VM, before authorize_vm attempts are slowed down
 
 
 def _port(text: str) -> int:
@@ -51,6 +59,24 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {value}")
+    return value
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a yes/no value: {text!r}")
+
+
 def _level(text: str) -> str:
     level = text.upper()
     if level not in LOG_LEVELS:
@@ -62,13 +88,26 @@ def _text(value: str) -> str:
     return value
 
 
-# flag, environment variable, type check, help. Defaults come from Config.
+# flag, environment variable, type check, help. Defaults come from Config; a check of None
+# marks a yes/no flag.
 _OPTIONS = [
-    ("--host", "VMSERVER_HOST", _text, "address to listen on (default %s; loopback only)"),
+    ("--host", "VMSERVER_HOST", _text, "address to listen on (default %s: loopback only)"),
     ("--port", "VMSERVER_PORT", _port, "TCP port (default %s; 0 picks a free one)"),
     ("--db", "VMSERVER_DB", _text, "SQLite file (default %s; ':memory:' keeps nothing)"),
     ("--max-line", "VMSERVER_MAX_LINE", _positive, "longest request line accepted, in bytes (default %s)"),
     ("--log-level", "VMSERVER_LOG_LEVEL", _level, "DEBUG, INFO, WARNING or ERROR (default %s)"),
+    ("--idle-timeout", "VMSERVER_IDLE_TIMEOUT", _seconds,
+     "close a session that sends nothing for this many seconds (default %s; 0: never)"),
+    ("--write-timeout", "VMSERVER_WRITE_TIMEOUT", _seconds,
+     "drop a session that leaves its replies unread this many seconds (default %s)"),
+    ("--max-connections", "VMSERVER_MAX_CONNECTIONS", _positive,
+     "sessions served at once; more are refused with one error line (default %s)"),
+    ("--token", "VMSERVER_TOKEN", _text,
+     "shared token every session must present with 'auth' (default: none; prefer --token-file)"),
+    ("--tls-cert", "VMSERVER_TLS_CERT", _text, "PEM certificate (chain): serve TLS instead of plain TCP"),
+    ("--tls-key", "VMSERVER_TLS_KEY", _text, "PEM private key of --tls-cert"),
+    ("--require-passwords", "VMSERVER_REQUIRE_PASSWORDS", None,
+     "every VM must have a password (add_vm, connect_vm without one are refused)"),
 ]
 
 
@@ -81,12 +120,31 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
         prog="vmserver",
         description="Virtual machine inventory and presence server (line-delimited JSON over TCP).",
         epilog="Each setting can also come from its environment variable: "
-        + ", ".join(env for _, env, _, _ in _OPTIONS) + "; flags win. Protocol: see protocol.md.",
+        + ", ".join(env for _, env, _, _ in _OPTIONS) + ", VMSERVER_TOKEN_FILE; flags win. "
+        "Protocol: see protocol.md.",
     )
     for flag, env, check, text in _OPTIONS:
-        parser.add_argument(flag, type=check, default=None, help=f"{text % getattr(defaults, _field(flag))} [{env}]")
+        default = getattr(defaults, _field(flag))
+        shown = text % default if "%s" in text else text
+        if check is None:
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=f"{shown} [{env}]")
+        else:
+            parser.add_argument(flag, type=check, default=None, help=f"{shown} [{env}]")
+    parser.add_argument("--token-file", metavar="PATH", default=None,
+                        help="read the token from this file (first line) [VMSERVER_TOKEN_FILE]")
     parser.add_argument("--version", action="version", version=f"vmserver {__version__} (protocol 1)")
     return parser
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read token file {path}: {exc}") from None
+    if not token:
+        raise argparse.ArgumentTypeError(f"token file {path} is empty")
+    return token
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> Config:
@@ -100,8 +158,18 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] =
         value = getattr(ns, name)
         if value is None and environ.get(env):
             try:
-                value = check(environ[env])
+                value = (check or _flag)(environ[env])
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"environment variable {env}: {exc}")
         values[name] = getattr(defaults, name) if value is None else value
+    token_file = ns.token_file or (None if ns.token else environ.get("VMSERVER_TOKEN_FILE"))
+    if token_file:
+        try:
+            values["token"] = _read_token(token_file)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    if values["token"] == "":
+        values["token"] = None
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        parser.error("--tls-cert and --tls-key go together")
     return Config(**values)

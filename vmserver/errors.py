@@ -16,6 +16,8 @@ class ErrorCode(str, Enum):
     NOT_CONNECTED = "not_connected"
     NOT_AUTHORIZED = "not_authorized"
     AUTH_FAILED = "auth_failed"
+    UNAUTHENTICATED = "unauthenticated"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 

@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class Owner(Protocol):
-    """What the inventory needs of a session: an identity and the set of VMs it holds."""
+    """What the inventory and commands need of a session."""
 
     name: str
-    vms: set[str]
+    vms: set[str]  # the VMs it has connected
+    authenticated: bool  # presented the server's token (always True on a server without one)
 
 
 class Disk:

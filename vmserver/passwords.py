@@ -37,3 +37,34 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(digest, expected_raw)
+
+
+class AttemptLimiter:
+    """Slows down password guessing per VM: after ``allowed`` failures in a row, each further
+    failure locks the VM's password checks for twice as long as the last (1 s, 2 s, ... 5 min).
+
+    In memory only: a restart forgives, which is acceptable for a delay, not a ban.
+    """
+
+    MAX_LOCK = 300.0
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self._state: dict[str, tuple[int, float]] = {}  # vm_id -> (failures in a row, locked until)
+
+    def wait_left(self, key: str, now: float) -> float:
+        """Seconds until ``key`` may be tried again (0 when it may be tried now)."""
+        _, until = self._state.get(key, (0, 0.0))
+        return max(0.0, until - now)
+
+    def failed(self, key: str, now: float) -> int:
+        failures = self._state.get(key, (0, 0.0))[0] + 1
+        until = now + min(2.0 ** (failures - self.allowed), self.MAX_LOCK) if failures >= self.allowed else 0.0
+        self._state[key] = (failures, until)
+        return failures
+
+    def succeeded(self, key: str) -> None:
+        self._state.pop(key, None)
+
+    def forget(self, key: str) -> None:
+        self._state.pop(key, None)

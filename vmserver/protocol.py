@@ -228,6 +228,19 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
+_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/\d")
+
+
+def looks_like_http(line: bytes) -> bool:
+    """An HTTP request line: a browser (or a confused tool) talking to this port.
+
+    Refusing these and hanging up keeps web pages from driving the server by cross-protocol
+    requests (a form POST to 127.0.0.1:8888 would otherwise have its body lines executed).
+    """
+    return line.startswith(_HTTP_METHODS) and _HTTP_REQUEST_LINE.match(line) is not None
+
+
 # --- encoding ------------------------------------------------------------------------------
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -250,8 +263,9 @@ def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:
     return b'{"id":' + rid + b',"ok":false,"error":' + body + b"}\n"
 
 
-def encode_greeting(version: str, commands: list[str]) -> bytes:
-    hello = {"server": "vmserver", "version": version, "protocol": 1, "commands": commands}
+def encode_greeting(version: str, commands: list[str], auth_required: bool = False) -> bytes:
+    hello = {"server": "vmserver", "version": version, "protocol": 1, "commands": commands,
+             "auth_required": auth_required}
     return dumps({"hello": hello}) + b"\n"
 
 

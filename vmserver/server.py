@@ -1,7 +1,9 @@
 """The network layer: accept loop, one task per session reading lines and writing replies, shutdown.
 
 A session answers its requests strictly in order (pipelining works). Between commands it
-can be stopped; inside one it is not: shutdown waits for the command in flight.
+can be stopped; inside one it is not: shutdown waits for the command in flight. Limits that
+keep a long-running server healthy live here too: the line limit, a cap on connections,
+idle and write timeouts, TCP keepalive, and the refusal of HTTP spoken to this port.
 """
 
 from __future__ import annotations
@@ -9,52 +11,86 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+import time
 from typing import Any
 
 from . import __version__
-from .commands import COMMANDS, execute
+from .commands import COMMANDS, Context, execute
 from .config import Config
 from .errors import ErrorCode
 from .inventory import Inventory
-from .protocol import RequestError, encode_error, encode_event, encode_greeting, parse_line
+from .protocol import (
+    RequestError, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
+)
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 _TOO_LARGE = object()  # read_line's answer for an over-long line (already discarded)
 _BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
-_WRITE_HIGH_WATER = 256 * 1024  # wait for the peer to read once this much output is queued
+_WRITE_HIGH_WATER = 256 * 1024  # past this much unsent output, stop reading until the peer reads
+_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}  # a dead peer is noticed in ~2 min
+
+SHUTDOWN = "server shutdown"
+IDLE = "idle timeout"
 
 
 class Session:
     """One client connection; ``vms`` are the VMs it has connected (bound to its lifetime)."""
 
-    __slots__ = ("name", "vms", "task", "busy")
+    __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated")
 
-    def __init__(self, name: str, task: asyncio.Task[Any] | None) -> None:
+    def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True) -> None:
         self.name = name
         self.vms: set[str] = set()
         self.task = task
-        self.busy = False  # True while a command runs: shutdown must not interrupt it
+        self.busy = False  # True while a command runs: nobody may interrupt it
+        self.last_active = time.monotonic()
+        self.stop_reason: str | None = None  # why the server cancelled it, if it did
+        self.authenticated = authenticated
 
     def __repr__(self) -> str:
         return f"<Session {self.name}>"
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def _tune_socket(sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Keepalive: a VM host that vanished without a FIN must not keep its VMs "connected".
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE.items():
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class Server:
     def __init__(self, config: Config, inventory: Inventory) -> None:
         self.config = config
         self.inventory = inventory
+        self.context = Context(inventory, config)
         self.sessions: set[Session] = set()
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self._greeting = encode_greeting(__version__, list(COMMANDS))
+        self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None)
 
     async def start(self) -> None:
+        """Listen. :raises OSError: address in use. :raises ssl.SSLError: unusable certificate."""
         # The reader's limit allows the longest line plus a '\r'; longer lines are cut by us.
         self._server = await asyncio.start_server(
             self._serve, self.config.host, self.config.port, limit=self.config.max_line + 1,
-            backlog=_BACKLOG)
+            backlog=_BACKLOG, ssl=_tls_context(self.config), ssl_handshake_timeout=10.0 if self.config.tls_cert else None)
+        if self.config.idle_timeout > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -68,12 +104,14 @@ class Server:
         if self._closing:
             return
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         tasks = [s.task for s in self.sessions if s.task is not None]
         for session in list(self.sessions):
-            if not session.busy and session.task is not None:
-                session.task.cancel()  # it is waiting for input: nothing is lost
+            if not session.busy:
+                self._stop(session, SHUTDOWN)  # it is waiting for input: nothing is lost
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
             for task in pending:
@@ -85,18 +123,41 @@ class Server:
         if self._server is not None:
             await self._server.wait_closed()
 
+    @staticmethod
+    def _stop(session: Session, reason: str) -> None:
+        session.stop_reason = reason
+        if session.task is not None:
+            session.task.cancel()
+
+    async def _sweep_idle(self) -> None:
+        """Close sessions that sent nothing for idle_timeout seconds (one timer for all of them)."""
+        limit = self.config.idle_timeout
+        period = min(max(limit / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - limit
+            for session in list(self.sessions):
+                if not session.busy and session.stop_reason is None and session.last_active < cutoff:
+                    self._stop(session, IDLE)
+
     # --- one session ------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        session = Session(name, asyncio.current_task())
+        if self._closing:
+            writer.transport.abort()
+            return
+        if len(self.sessions) >= self.config.max_connections:
+            log.warning("refused %s: already %d sessions (--max-connections)", name, len(self.sessions))
+            writer.write(encode_error(None, ErrorCode.UNAVAILABLE,
+                                      f"too many connections (limit {self.config.max_connections}); try again later"))
+            await self._hang_up(writer, shutdown=False)
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._closing:
-            writer.close()
-            return
+            _tune_socket(sock)
+        session = Session(name, asyncio.current_task(), authenticated=self.config.token is None)
         self.sessions.add(session)
         log.debug("session %s opened", name)
         reason = "closed by peer"
@@ -106,6 +167,12 @@ class Server:
                 line = await self._read_line(reader)
                 if line is None:
                     break
+                session.last_active = time.monotonic()
+                if line is not _TOO_LARGE and looks_like_http(line):  # type: ignore[arg-type]
+                    writer.write(encode_error(None, ErrorCode.BAD_REQUEST,
+                                              "this port speaks line-delimited JSON (see protocol.md), not HTTP"))
+                    reason = "HTTP request refused"
+                    break
                 session.busy = True
                 reply = await self._respond(session, line)
                 session.busy = False
@@ -114,20 +181,26 @@ class Server:
                         break  # the peer is gone; nobody to answer
                     writer.write(reply)
                     if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                        await writer.drain()
+                        # Backpressure: read no more from a peer that does not read its replies.
+                        await asyncio.wait_for(writer.drain(), self.config.write_timeout)
             if self._closing:
-                reason = "server shutdown"
+                reason = SHUTDOWN
         except asyncio.CancelledError:
-            if not self._closing:
+            if session.stop_reason is None:
                 raise
-            reason = "server shutdown"
+            reason = session.stop_reason
+        except asyncio.TimeoutError:
+            reason = f"replies unread for {self.config.write_timeout:g}s"
+            writer.transport.abort()
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
         finally:
+            session.busy = False
             released = self.inventory.release(session)
             self.sessions.discard(session)
-            log.debug("session %s ended (%s); released %s", name, reason, released or "nothing")
-            await self._hang_up(writer, shutdown=reason == "server shutdown")
+            level = logging.INFO if reason not in ("closed by peer", SHUTDOWN) else logging.DEBUG
+            log.log(level, "session %s ended (%s); released %s", name, reason, ", ".join(released) or "no VMs")
+            await self._hang_up(writer, shutdown=reason == SHUTDOWN)
 
     async def _hang_up(self, writer: asyncio.StreamWriter, shutdown: bool) -> None:
         try:
@@ -135,7 +208,7 @@ class Server:
                 writer.write(encode_event("shutdown", {}))
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), timeout=2.0)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
+        except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError):
             writer.transport.abort()
         except asyncio.CancelledError:
             writer.transport.abort()
@@ -184,11 +257,14 @@ class Server:
             return encode_error(exc.request_id, exc.code, exc.message)
         if request is None:
             return None
-        return await execute(self.inventory, session, request)
+        return await execute(self.context, session, request)
 
 
 async def start_server(config: Config) -> Server:
-    """Open the store, load the inventory, and start listening (raises StoreError / OSError)."""
+    """Open the store, load the inventory, and start listening.
+
+    :raises StoreError: database unusable. :raises OSError, ssl.SSLError: cannot listen.
+    """
     inventory = Inventory(Store(config.db, config.busy_timeout_ms))
     server = Server(config, inventory)
     try:

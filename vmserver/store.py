@@ -6,7 +6,9 @@ Every mutation runs in one ``BEGIN IMMEDIATE`` transaction; any ``sqlite3.Error`
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -72,9 +74,11 @@ class Store:
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
+        self._lock = self._lock_file(path)
         try:
             self._db = db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
+            self._unlock()
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         try:
             db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -83,10 +87,41 @@ class Store:
             self._migrate(version)
         except sqlite3.Error as exc:
             self._db.close()
+            self._unlock()
             raise StoreError(f"cannot use database {path}: {exc}") from exc
         except StoreError:
             self._db.close()
+            self._unlock()
             raise
+
+    @staticmethod
+    def _lock_file(path: str) -> int | None:
+        """Hold ``<db>.lock`` exclusively: the in-memory mirror is only right if we are the sole writer.
+
+        A separate file, because closing any descriptor of the database file itself would drop
+        SQLite's own POSIX locks.
+        """
+        if path == ":memory:" or path.startswith("file:"):
+            return None
+        lock_path = f"{path}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open database {path}: cannot create {lock_path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(f"database {path} is in use by another vmserver (pid {holder}, lock {lock_path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing releases the flock
+            self._lock = None
 
     def _check_version(self) -> int:
         """The file's schema version; refuses, before touching the file, one newer than ours."""
@@ -192,8 +227,12 @@ class Store:
             db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
 
     def close(self) -> None:
-        """Close the connection; the last close of a WAL database checkpoints it into the main file."""
+        """Checkpoint the WAL into the main file, close the connection, release the lock."""
         try:
+            if self.path != ":memory:":
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
         except sqlite3.Error as exc:
             log.error("database %s: close failed: %s", self.path, exc)
+        finally:
+            self._unlock()

@@ -79,6 +79,13 @@ def password(value: Any, path: str) -> str:
     raise InvalidArgs(path, f"{path}: must be a string of 1 to {PASSWORD_MAX} characters, got {json_type(value)}")
 
 
+def token(value: Any, path: str) -> str:
+    if isinstance(value, str) and 1 <= len(value) <= PASSWORD_MAX:
+        return value
+    # Like a password, a token is never echoed back.
+    raise InvalidArgs(path, f"{path}: must be a string of 1 to {PASSWORD_MAX} characters, got {json_type(value)}")
+
+
 @dataclass(frozen=True, slots=True)
 class DiskSpec:
     disk_id: str
