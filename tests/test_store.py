@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import json
@@ -16,6 +17,7 @@ import pytest
 
 from vmserver.errors import CommandError, ErrorCode
 from vmserver.inventory import Inventory
+import vmserver.store as sql
 from vmserver.store import SCHEMA_VERSION, DiskRow, Store, StoreError, VMRow
 from vmserver.validation import DiskSpec
 
@@ -97,7 +99,7 @@ def test_blank_file_is_migrated_with_wal(path):
 def test_foreign_keys_are_enforced(store):
     # A disk for a VM row that does not exist must be refused (foreign_keys = ON).
     with pytest.raises(StoreError) as info:
-        store.update_vm(999, 1, 1, [], [], [("orphan", 5)])
+        store.write("update", sql.update_vm, 999, 1, 1, [], [], [("orphan", 5)])
     assert "FOREIGN KEY" in str(info.value)
     assert store.load() == ([], [])
 
@@ -109,7 +111,7 @@ def test_foreign_keys_pragma_is_on_on_the_store_connection(store):
 
 def test_reopening_keeps_data_and_version(path):
     s = Store(path)
-    vm_pk, disk_pks = s.insert_vm("vm-1", 2048, 2, "scrypt$x", [("d1", 10)], NOW)
+    vm_pk, disk_pks = s.write("insert", sql.insert_vm, "vm-1", 2048, 2, "scrypt$x", [("d1", 10)], NOW)
     s.close()
     assert not os.path.exists(path + "-wal")  # the last close checkpoints the WAL away
     s2 = Store(path)
@@ -166,8 +168,8 @@ def test_unopenable_path(tmp_path):
 
 
 def test_insert_and_load_round_trip(store):
-    pk1, d1 = store.insert_vm("vm-1", 1024, 1, None, [("zeta", 30), ("alpha", 10), ("mid", 20)], NOW)
-    pk2, d2 = store.insert_vm("vm-2", 4096, 8, "scrypt$abc", [], NOW, last_connected=LATER)
+    pk1, d1 = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("zeta", 30), ("alpha", 10), ("mid", 20)], NOW)
+    pk2, d2 = store.write("insert", sql.insert_vm, "vm-2", 4096, 8, "scrypt$abc", [], NOW, last_connected=LATER)
     assert pk2 > pk1
     assert len(d1) == 3 and d1 == sorted(d1) and len(set(d1)) == 3
     assert d2 == []
@@ -178,9 +180,9 @@ def test_insert_and_load_round_trip(store):
 
 
 def test_update_removes_resizes_and_adds(store):
-    pk, (a, b, c) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1), ("b", 2), ("c", 3)], NOW)
-    other_pk, (x,) = store.insert_vm("vm-2", 512, 1, None, [("x", 9)], NOW)
-    added = store.update_vm(pk, 2048, 4, remove=[a], resize=[(c, 30)], add=[("d", 4), ("e", 5)])
+    pk, (a, b, c) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1), ("b", 2), ("c", 3)], NOW)
+    other_pk, (x,) = store.write("insert", sql.insert_vm, "vm-2", 512, 1, None, [("x", 9)], NOW)
+    added = store.write("update", sql.update_vm, pk, 2048, 4, remove=[a], resize=[(c, 30)], add=[("d", 4), ("e", 5)])
     assert len(added) == 2 and added[0] < added[1] and added[0] > x
     vms, disks = store.load()
     assert vms == [VMRow(pk, "vm-1", 2048, 4, None, None), VMRow(other_pk, "vm-2", 512, 1, None, None)]
@@ -191,23 +193,23 @@ def test_update_removes_resizes_and_adds(store):
 
 
 def test_update_without_disk_changes(store):
-    pk, (a,) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1)], NOW)
-    assert store.update_vm(pk, 8, 2, [], [], []) == []
+    pk, (a,) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1)], NOW)
+    assert store.write("update", sql.update_vm, pk, 8, 2, [], [], []) == []
     assert store.load() == ([VMRow(pk, "vm-1", 8, 2, None, None)], [DiskRow(a, "a", 1, pk)])
 
 
 def test_disk_ids_are_never_reused(store):
-    pk, (a, b) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
-    store.update_vm(pk, 1024, 1, remove=[b], resize=[], add=[])
-    (c,) = store.update_vm(pk, 1024, 1, remove=[], resize=[], add=[("b", 2)])
+    pk, (a, b) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
+    store.write("update", sql.update_vm, pk, 1024, 1, remove=[b], resize=[], add=[])
+    (c,) = store.write("update", sql.update_vm, pk, 1024, 1, remove=[], resize=[], add=[("b", 2)])
     assert c > b  # AUTOINCREMENT: the highest removed id is not handed out again
 
 
 def test_set_last_connected(store):
-    pk, _ = store.insert_vm("vm-1", 1024, 1, None, [], NOW)
-    store.set_last_connected(pk, LATER)
+    pk, _ = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [], NOW)
+    store.write("connect", sql.set_last_connected, pk, LATER)
     assert store.load()[0] == [VMRow(pk, "vm-1", 1024, 1, None, LATER)]
-    store.set_last_connected(pk, NOW)
+    store.write("connect", sql.set_last_connected, pk, NOW)
     assert store.load()[0][0].last_connected == NOW
 
 
@@ -215,10 +217,10 @@ def test_set_last_connected(store):
 
 
 def test_failed_insert_leaves_nothing_behind(store, path):
-    pk, (d1,) = store.insert_vm("vm-1", 1024, 1, None, [("d1", 10)], NOW)
+    pk, (d1,) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("d1", 10)], NOW)
     before = store.load()
     with pytest.raises(StoreError) as info:
-        store.insert_vm("vm-2", 2048, 2, None, [("fresh", 5), ("d1", 7)], NOW)
+        store.write("insert", sql.insert_vm, "vm-2", 2048, 2, None, [("fresh", 5), ("d1", 7)], NOW)
     assert not isinstance(info.value, sqlite3.Error)
     assert path in str(info.value)
     assert "UNIQUE" in str(info.value)
@@ -227,32 +229,32 @@ def test_failed_insert_leaves_nothing_behind(store, path):
     assert "vm-2" not in vms
     assert "fresh" not in disks
     # And the connection is usable again (no transaction left open).
-    pk3, _ = store.insert_vm("vm-3", 1, 1, None, [("fresh", 5)], NOW)
+    pk3, _ = store.write("insert", sql.insert_vm, "vm-3", 1, 1, None, [("fresh", 5)], NOW)
     assert set(by_name(store)[0]) == {"vm-1", "vm-3"}
 
 
 def test_failed_insert_of_duplicate_vm_id(store):
-    store.insert_vm("vm-1", 1024, 1, None, [], NOW)
+    store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [], NOW)
     before = store.load()
     with pytest.raises(StoreError):
-        store.insert_vm("vm-1", 1, 1, None, [("new", 1)], NOW)
+        store.write("insert", sql.insert_vm, "vm-1", 1, 1, None, [("new", 1)], NOW)
     assert store.load() == before
 
 
 def test_check_constraint_becomes_store_error(store):
     with pytest.raises(StoreError):
-        store.insert_vm("vm-1", 0, 1, None, [], NOW)
+        store.write("insert", sql.insert_vm, "vm-1", 0, 1, None, [], NOW)
     with pytest.raises(StoreError):
-        store.insert_vm("vm-2", 1, 1, None, [("d", 0)], NOW)
+        store.write("insert", sql.insert_vm, "vm-2", 1, 1, None, [("d", 0)], NOW)
     assert store.load() == ([], [])
 
 
 def test_failed_update_leaves_nothing_half_written(store):
-    pk, (a, b) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
-    store.insert_vm("vm-2", 512, 1, None, [("taken", 9)], NOW)
+    pk, (a, b) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
+    store.write("insert", sql.insert_vm, "vm-2", 512, 1, None, [("taken", 9)], NOW)
     before = store.load()
     with pytest.raises(StoreError) as info:
-        store.update_vm(pk, 4096, 8, remove=[a], resize=[(b, 50)], add=[("new", 3), ("taken", 1)])
+        store.write("update", sql.update_vm, pk, 4096, 8, remove=[a], resize=[(b, 50)], add=[("new", 3), ("taken", 1)])
     assert "UNIQUE" in str(info.value)
     assert store.load() == before
 
@@ -261,26 +263,26 @@ def test_write_while_another_connection_holds_the_lock(store, path):
     with writer_lock(path):
         start = time.monotonic()
         with pytest.raises(StoreError) as info:
-            store.insert_vm("vm-1", 1024, 1, None, [("d1", 1)], NOW)
+            store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("d1", 1)], NOW)
         elapsed = time.monotonic() - start
         assert "locked" in str(info.value)
         assert path in str(info.value)
         assert 0.09 <= elapsed < 3.0
         with pytest.raises(StoreError):
-            store.set_last_connected(1, NOW)
+            store.write("connect", sql.set_last_connected, 1, NOW)
         # Reads still work in WAL mode while another connection writes.
         assert store.load() == ([], [])
     # Once the lock is gone, the same store writes again.
-    pk, _ = store.insert_vm("vm-1", 1024, 1, None, [("d1", 1)], NOW)
+    pk, _ = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("d1", 1)], NOW)
     assert [v.vm_id for v in store.load()[0]] == ["vm-1"]
 
 
 def test_update_while_locked_changes_nothing(store, path):
-    pk, (a,) = store.insert_vm("vm-1", 1024, 1, None, [("a", 1)], NOW)
+    pk, (a,) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1)], NOW)
     before = store.load()
     with writer_lock(path):
         with pytest.raises(StoreError):
-            store.update_vm(pk, 2, 2, [a], [], [("b", 1)])
+            store.write("update", sql.update_vm, pk, 2, 2, [a], [], [("b", 1)])
     assert store.load() == before
 
 
@@ -291,6 +293,8 @@ class Session:
     def __init__(self, name: str) -> None:
         self.name = name
         self.vms: set[str] = set()
+        self.authenticated = True
+        self.ended = False
 
 
 def all_vms(inv: Inventory) -> list[dict]:
@@ -359,17 +363,21 @@ def assert_caches_fresh(inv: Inventory) -> None:
 
 
 @pytest.fixture
-def inventory(store) -> Inventory:
-    return Inventory(store)
+async def inventory(store):
+    """An Inventory whose writer thread runs (on the test's loop); the store fixture closes the file."""
+    inv = Inventory(store)
+    inv.start(asyncio.get_running_loop())
+    yield inv
+    inv.writer.close()
 
 
-def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
+async def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
     owner = Session("s1")
-    inventory.add("vm-0", 64, 1, (DiskSpec("d0", 1),), None)
+    await inventory.add("vm-0", 64, 1, (DiskSpec("d0", 1),), None)
     vms_before, disks_before = inventory.all_vms_json(), inventory.all_disks_json()
     with writer_lock(path):
         with pytest.raises(StoreError):
-            inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
+            await inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
     assert not inventory.exists("vm-1")
     assert len(inventory) == 1
     assert owner.vms == set()
@@ -380,16 +388,16 @@ def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
     assert info.value.code is ErrorCode.NOT_FOUND
     # Neither the VM id nor the disk ids are left claimed: the same add now succeeds.
     inventory.check_can_add("vm-1", (DiskSpec("d1", 10), DiskSpec("d2", 20)))
-    vm = inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
+    vm = await inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
     assert [d.disk_id for d in vm.disks] == ["d1", "d2"]
     assert owner.vms == {"vm-1"}
     assert reloaded_state(path) == persistent_state(inventory)
 
 
-def test_inventory_update_failure_leaves_memory_unchanged(inventory, path):
+async def test_inventory_update_failure_leaves_memory_unchanged(inventory, path):
     owner = Session("s1")
-    inventory.add("vm-1", 1024, 2, (DiskSpec("a", 1), DiskSpec("b", 2)), None, owner=owner)
-    inventory.add("vm-2", 512, 1, (DiskSpec("x", 5),), None)
+    await inventory.add("vm-1", 1024, 2, (DiskSpec("a", 1), DiskSpec("b", 2)), None, owner=owner)
+    await inventory.add("vm-2", 512, 1, (DiskSpec("x", 5),), None)
     inventory.authorize("vm-1", owner)
     vm = inventory.get("vm-1")
     record_before = vm.record()
@@ -398,7 +406,7 @@ def test_inventory_update_failure_leaves_memory_unchanged(inventory, path):
     disk_objects_before = list(vm.disks)
     with writer_lock(path):
         with pytest.raises(StoreError):
-            inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
+            await inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
     assert vm.record() == record_before
     assert (vm.ram, vm.cpu) == (1024, 2)
     assert [(d.disk_id, d.size) for d in vm.disks] == [("a", 1), ("b", 2)]
@@ -413,18 +421,18 @@ def test_inventory_update_failure_leaves_memory_unchanged(inventory, path):
     inventory.check_can_add("vm-3", (DiskSpec("new", 1),))
     assert reloaded_state(path) == persistent_state(inventory)
     # The same update goes through once the lock is gone.
-    inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
+    await inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
     assert [(d.disk_id, d.size) for d in vm.disks] == [("b", 20), ("new", 3)]
     assert reloaded_state(path) == persistent_state(inventory)
 
 
-def test_inventory_connect_failure_leaves_memory_unchanged(inventory, path):
+async def test_inventory_connect_failure_leaves_memory_unchanged(inventory, path):
     owner = Session("s1")
-    inventory.add("vm-1", 1024, 2, (), None)
+    await inventory.add("vm-1", 1024, 2, (), None)
     vm = inventory.get("vm-1")
     with writer_lock(path):
         with pytest.raises(StoreError):
-            inventory.connect("vm-1", owner)
+            await inventory.connect("vm-1", owner)
     assert vm.owner is None
     assert vm.last_connected is None
     assert owner.vms == set()
@@ -432,25 +440,25 @@ def test_inventory_connect_failure_leaves_memory_unchanged(inventory, path):
     assert inventory.connected_vms_json() == b"[]"
 
 
-def test_inventory_matches_a_fresh_load_after_many_operations(inventory, path):
+async def test_inventory_matches_a_fresh_load_after_many_operations(inventory, path):
     s1, s2 = Session("s1"), Session("s2")
-    inventory.add("vm-a", 1024, 1, (DiskSpec("a1", 10), DiskSpec("a2", 20)), None, owner=s1)
-    inventory.add("vm-b", 2048, 2, (DiskSpec("b1", 5),), "scrypt$fakehash")
-    inventory.add("vm-c", 1, 1, (), None)
-    inventory.connect("vm-b", s2)
+    await inventory.add("vm-a", 1024, 1, (DiskSpec("a1", 10), DiskSpec("a2", 20)), None, owner=s1)
+    await inventory.add("vm-b", 2048, 2, (DiskSpec("b1", 5),), "scrypt$fakehash")
+    await inventory.add("vm-c", 1, 1, (), None)
+    await inventory.connect("vm-b", s2)
     inventory.authorize("vm-a", s1)
     inventory.authorize("vm-b", s2)
     # Remove a1, resize a2, add a3.
-    inventory.update("vm-a", s1, 4096, None, (DiskSpec("a2", 25), DiskSpec("a3", 7)))
+    await inventory.update("vm-a", s1, 4096, None, (DiskSpec("a2", 25), DiskSpec("a3", 7)))
     # a1 is free again: vm-b takes it; cpu only on vm-b.
-    inventory.update("vm-b", s2, None, 4, (DiskSpec("b1", 5), DiskSpec("a1", 99)))
-    inventory.update("vm-b", s2, 512, None, None)
+    await inventory.update("vm-b", s2, None, 4, (DiskSpec("b1", 5), DiskSpec("a1", 99)))
+    await inventory.update("vm-b", s2, 512, None, None)
     inventory.deauthorize("vm-b", s2)
     inventory.disconnect("vm-a", s1)
-    inventory.connect("vm-c", s1)
+    await inventory.connect("vm-c", s1)
     inventory.authorize("vm-c", s1)
-    inventory.update("vm-c", s1, None, None, (DiskSpec("c1", 1),))
-    inventory.update("vm-c", s1, None, None, ())
+    await inventory.update("vm-c", s1, None, None, (DiskSpec("c1", 1),))
+    await inventory.update("vm-c", s1, None, None, ())
 
     assert_caches_fresh(inventory)
     with loaded_snapshot(path) as fresh:

@@ -372,17 +372,25 @@ class Client:
         """:raises NotConnected: not connected by this session."""
         return await self.call("disconnect_vm", timeout=timeout, vm_id=vm_id)
 
-    async def get_all_vms(self, *, timeout: float | None = _DEFAULT) -> list[VM]:
-        return await self.call("get_all_vms", timeout=timeout)
+    async def get_all_vms(self, *, after: int | None = None, limit: int | None = None,
+                     timeout: float | None = _DEFAULT) -> list[VM]:
+        """The list, or one page of it: up to ``limit`` records with ids above ``after``."""
+        return await self.call("get_all_vms", timeout=timeout, **_present(after=after, limit=limit))
 
-    async def get_connected_vms(self, *, timeout: float | None = _DEFAULT) -> list[VM]:
-        return await self.call("get_connected_vms", timeout=timeout)
+    async def get_connected_vms(self, *, after: int | None = None, limit: int | None = None,
+                     timeout: float | None = _DEFAULT) -> list[VM]:
+        """The list, or one page of it: up to ``limit`` records with ids above ``after``."""
+        return await self.call("get_connected_vms", timeout=timeout, **_present(after=after, limit=limit))
 
-    async def get_authorized_vms(self, *, timeout: float | None = _DEFAULT) -> list[VM]:
-        return await self.call("get_authorized_vms", timeout=timeout)
+    async def get_authorized_vms(self, *, after: int | None = None, limit: int | None = None,
+                     timeout: float | None = _DEFAULT) -> list[VM]:
+        """The list, or one page of it: up to ``limit`` records with ids above ``after``."""
+        return await self.call("get_authorized_vms", timeout=timeout, **_present(after=after, limit=limit))
 
-    async def get_all_disks(self, *, timeout: float | None = _DEFAULT) -> list[dict[str, Any]]:
-        return await self.call("get_all_disks", timeout=timeout)
+    async def get_all_disks(self, *, after: int | None = None, limit: int | None = None,
+                     timeout: float | None = _DEFAULT) -> list[dict[str, Any]]:
+        """The list, or one page of it: up to ``limit`` records with ids above ``after``."""
+        return await self.call("get_all_disks", timeout=timeout, **_present(after=after, limit=limit))
 
     async def health(self, *, timeout: float | None = _DEFAULT) -> str:
         return await self.call("health", timeout=timeout)

@@ -44,6 +44,9 @@ def _spec(required: bool, when: str = "") -> tuple[Arg, ...]:
     )
 
 
+_PAGE = (Arg("after", "int", False, "only records with a larger id (last id of the previous page)"),
+         Arg("limit", "int", False, "at most this many records (1-100000)"))
+
 _ALL = [
     CommandInfo("add_vm", "Register a VM with its disks (and optionally a password).",
                 (_VM_ID, *_spec(True), Arg("password", "str", False, "then authorize_vm requires it")),
@@ -61,10 +64,10 @@ _ALL = [
                 (_VM_ID, *_spec(False)), "update_vm vm_id=vm-1 ram=4096"),
     CommandInfo("disconnect_vm", "Disconnect a VM this session connected (ends its authorization too).",
                 (_VM_ID,), "disconnect_vm vm_id=vm-1"),
-    CommandInfo("get_all_vms", "List every VM.", (), "get_all_vms"),
-    CommandInfo("get_connected_vms", "List the VMs connected now.", (), "get_connected_vms"),
-    CommandInfo("get_authorized_vms", "List the VMs authorized now.", (), "get_authorized_vms"),
-    CommandInfo("get_all_disks", "List every disk with its VM.", (), "get_all_disks"),
+    CommandInfo("get_all_vms", "List every VM.", _PAGE, "get_all_vms"),
+    CommandInfo("get_connected_vms", "List the VMs connected now.", _PAGE, "get_connected_vms"),
+    CommandInfo("get_authorized_vms", "List the VMs authorized now.", _PAGE, "get_authorized_vms"),
+    CommandInfo("get_all_disks", "List every disk with its VM.", _PAGE, "get_all_disks"),
     CommandInfo("health", 'Liveness check: "OK".', (), "health"),
     CommandInfo("auth", "Present the server's shared token (first, when the server has one).",
                 (Arg("token", "str", True, "the shared token"),), "auth token=..."),

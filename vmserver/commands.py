@@ -110,14 +110,19 @@ def add_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     _need_password(ctx, a)
     inv = ctx.inventory
     inv.check_can_add(a["vm_id"], a["disks"])  # fail fast, before hashing
-    if "password" not in a:
-        return inv.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], None).json()
-    return _add_with_password(ctx, a)
+    return _add(ctx, a, None)
 
 
-async def _add_with_password(ctx: Context, a: dict[str, Any]) -> bytes:
-    password_hash = await asyncio.to_thread(hash_password, a["password"])
-    return ctx.inventory.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash).json()
+async def _add(ctx: Context, a: dict[str, Any], owner: Owner | None) -> bytes:
+    password_hash = None
+    if "password" in a:
+        password_hash = await asyncio.to_thread(hash_password, a["password"])
+        if owner is not None and ctx.inventory.exists(a["vm_id"]):
+            # Registered by someone else while we hashed: it is a known VM now.
+            result = _connect_known(ctx, owner, ctx.inventory.get(a["vm_id"]), a["password"])
+            return result if type(result) is bytes else await result  # type: ignore[misc]
+    vm = await ctx.inventory.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash, owner)
+    return vm.json()
 
 
 @command(
@@ -135,10 +140,8 @@ def connect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
             raise InvalidArgs(
                 name, f"{name}: missing (VM {vm_id!r} is not registered, so connect_vm needs ram, cpu "
                 "and disks to register it)")
-    inv.check_can_add(vm_id, a["disks"])
-    if "password" not in a:
-        return inv.add(vm_id, a["ram"], a["cpu"], a["disks"], None, session).json()
-    return _register_and_connect(ctx, session, a)
+    inv.check_can_add(vm_id, a["disks"], connecting=True)
+    return _add(ctx, a, session)
 
 
 def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -> Result:
@@ -151,23 +154,15 @@ def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -
         if ctx.require_passwords:
             raise CommandError(ErrorCode.AUTH_FAILED,
                                f"VM {vm.vm_id!r} has no password, but this server requires one for every VM")
-        return inv.connect(vm.vm_id, session).json()
-    return _connect_with_password(ctx, session, vm, password)
+        return _connect(ctx, session, vm, None)
+    return _connect(ctx, session, vm, password)
 
 
-async def _connect_with_password(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
-    # Without this check anyone could squat on a VM's identity by connecting it first.
-    await _check_password(ctx, session, vm, password, "connect_vm")
-    return ctx.inventory.connect(vm.vm_id, session).json()  # re-checks who holds it now
-
-
-async def _register_and_connect(ctx: Context, session: Owner, a: dict[str, Any]) -> bytes:
-    password_hash = await asyncio.to_thread(hash_password, a["password"])
-    inv = ctx.inventory
-    if inv.exists(a["vm_id"]):  # registered by someone else meanwhile: it is a known VM now
-        result = _connect_known(ctx, session, inv.get(a["vm_id"]), a["password"])
-        return result if type(result) is bytes else await result  # type: ignore[misc]
-    return inv.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash, session).json()
+async def _connect(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
+    if vm.password_hash is not None:
+        # Without this check anyone could squat on a VM's identity by connecting it first.
+        await _check_password(ctx, session, vm, password, "connect_vm")
+    return (await ctx.inventory.connect(vm.vm_id, session)).json()  # re-checks who holds it now
 
 
 @command("authorize_vm", "Authorize a VM this session connected (its password if it has one).", _VM_ID, _PASSWORD)
@@ -192,7 +187,11 @@ def deauthorize_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 def update_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     if len(a) == 1:
         raise InvalidArgs("ram", "ram, cpu, disks: update_vm needs at least one of them")
-    return ctx.inventory.update(a["vm_id"], session, a.get("ram"), a.get("cpu"), a.get("disks")).json()
+    return _update(ctx, session, a)
+
+
+async def _update(ctx: Context, session: Owner, a: dict[str, Any]) -> bytes:
+    return (await ctx.inventory.update(a["vm_id"], session, a.get("ram"), a.get("cpu"), a.get("disks"))).json()
 
 
 @command("disconnect_vm", "Disconnect a VM this session connected (also ends its authorization).", _VM_ID)
@@ -203,25 +202,41 @@ def disconnect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 # --- lists -------------------------------------------------------------------------------
 
 
-@command("get_all_vms", "List every VM, ordered by id.")
+_PAGE = (
+    Param("after", v.page_after, False, "only records with a larger id (the last id of the previous page)"),
+    Param("limit", v.page_limit, False, "at most this many records"),
+)
+
+
+def _page(a: dict[str, Any]) -> tuple[int, int] | None:
+    """(after, limit) when the request pages, None for the whole (cached) list."""
+    if not a:
+        return None
+    return a.get("after", 0), a.get("limit", v.PAGE_MAX)
+
+
+@command("get_all_vms", "List every VM, ordered by id (optionally a page: after, limit).", *_PAGE)
 def get_all_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.all_vms_json()
+    page = _page(a)
+    return ctx.inventory.all_vms_json() if page is None else ctx.inventory.vms_page(*page)
 
 
-@command("get_connected_vms", "List the VMs connected now, ordered by id.")
+@command("get_connected_vms", "List the VMs connected now, ordered by id (optionally a page).", *_PAGE)
 def get_connected_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.connected_vms_json()
+    page = _page(a)
+    return ctx.inventory.connected_vms_json() if page is None else ctx.inventory.vms_page(*page, "connected")
 
 
-@command("get_authorized_vms", "List the VMs authorized now, ordered by id.")
+@command("get_authorized_vms", "List the VMs authorized now, ordered by id (optionally a page).", *_PAGE)
 def get_authorized_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.authorized_vms_json()
+    page = _page(a)
+    return ctx.inventory.authorized_vms_json() if page is None else ctx.inventory.vms_page(*page, "authorized")
 
 
-@command("get_all_disks", "List every disk with the name of its VM, ordered by id.")
+@command("get_all_disks", "List every disk with the name of its VM, ordered by id (optionally a page).", *_PAGE)
 def get_all_disks(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.all_disks_json()
-
+    page = _page(a)
+    return ctx.inventory.all_disks_json() if page is None else ctx.inventory.disks_page(*page)
 
 
 @command("health", 'Liveness check; the result is "OK".')

@@ -34,6 +34,7 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     require_passwords: bool = False
+    max_write_batch: int = 256  # writes committed together (one fsync); 1: a commit per write
     busy_timeout_ms: int = 5000  # how long a write waits for another process's lock
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on shutdown
     auth_failures_allowed: int = 5  # per VM, before authorize_vm attempts are slowed down
@@ -106,6 +107,8 @@ _OPTIONS = [
      "shared token every session must present with 'auth' (default: none; prefer --token-file)"),
     ("--tls-cert", "VMSERVER_TLS_CERT", _text, "PEM certificate (chain): serve TLS instead of plain TCP"),
     ("--tls-key", "VMSERVER_TLS_KEY", _text, "PEM private key of --tls-cert"),
+    ("--max-write-batch", "VMSERVER_MAX_WRITE_BATCH", _positive,
+     "writes that may share one transaction and fsync (default %s; 1: a commit per write)"),
     ("--require-passwords", "VMSERVER_REQUIRE_PASSWORDS", None,
      "every VM must have a password (add_vm, connect_vm without one are refused)"),
 ]

@@ -1,21 +1,26 @@
 """The inventory: an in-memory mirror of the SQLite store, plus who is connected and authorized.
 
-Every method runs on the event loop without awaiting, so each is atomic with respect to
-every session. A mutation checks everything in memory, writes SQLite in one transaction,
-and only then changes memory: a failed write leaves both untouched. Records keep their JSON
-encoding until they change, so lists are assembled from cached bytes.
+Reads never touch SQLite: lists are assembled from each record's cached JSON, and whole
+lists are cached until the next change. Writes are checked in memory, then committed by the
+group-committing writer thread, and mirrored into memory when the commit is done; names and
+disk ids a pending write will take are reserved meanwhile, so two writes that would clash
+cannot both pass their checks. Between awaits every method runs on the event loop alone, so
+each check-and-claim is atomic with respect to every session.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from . import store as sql
 from .errors import CommandError, ErrorCode
 from .protocol import dumps, utc_now
 from .store import Store
 from .validation import DiskSpec
+from .writer import DEFAULT_MAX_BATCH, GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,7 @@ class Owner(Protocol):
     name: str
     vms: set[str]  # the VMs it has connected
     authenticated: bool  # presented the server's token (always True on a server without one)
+    ended: bool  # its connection is gone: nothing may be bound to it any more
 
 
 class Disk:
@@ -35,7 +41,7 @@ class Disk:
         self.id, self.disk_id, self.size, self.vm = id, disk_id, size, vm
         self._json: bytes | None = None
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {"id": self.id, "disk_id": self.disk_id, "size": self.size, "vm_id": self.vm.id}
 
     def listing_json(self) -> bytes:
@@ -59,7 +65,7 @@ class VM:
         self.authorized = False
         self._json: bytes | None = None
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {
             "id": self.id, "vm_id": self.vm_id, "ram": self.ram, "cpu": self.cpu,
             "disks": [d.record() for d in self.disks],
@@ -72,20 +78,25 @@ class VM:
             self._json = dumps(self.record())
         return self._json
 
-    def changed(self) -> None:
-        self._json = None
-
 
 def _json_list(items: Iterable[bytes]) -> bytes:
     return b"[" + b",".join(items) + b"]"
 
 
 class Inventory:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_write_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.store = store
+        self.writer = GroupCommitter(store, max_write_batch)
         self._vms: dict[str, VM] = {}  # by vm_id, in id order (ids only grow)
         self._disks: dict[str, Disk] = {}  # by disk_id, in id order
+        self._reserved_vm_ids: set[str] = set()  # taken by a write not yet committed
+        self._reserved_disk_ids: set[str] = set()
+        self._lists: dict[str, Any] = {}  # cached list bytes and id orders; emptied by every change
         self._load()
+
+    def start(self, loop: Any) -> None:
+        """Start the writer thread (needs the running event loop)."""
+        self.writer.start(loop)
 
     def _load(self) -> None:
         vm_rows, disk_rows = self.store.load()
@@ -102,6 +113,11 @@ class Inventory:
     def __len__(self) -> int:
         return len(self._vms)
 
+    def _changed(self, vm: VM | None = None) -> None:
+        if vm is not None:
+            vm._json = None
+        self._lists.clear()
+
     # --- lookups ----------------------------------------------------------------------
 
     def get(self, vm_id: str) -> VM:
@@ -115,7 +131,7 @@ class Inventory:
         return vm_id in self._vms
 
     def _check_new_disks(self, disks: Sequence[DiskSpec], owner_vm: VM | None = None) -> None:
-        """conflict when a disk id repeats in the list or belongs to another VM."""
+        """conflict when a disk id repeats in the list, belongs to another VM, or is being taken."""
         seen: set[str] = set()
         for spec in disks:
             if spec.disk_id in seen:
@@ -125,54 +141,91 @@ class Inventory:
             if holder is not None and holder.vm is not owner_vm:
                 raise CommandError(
                     ErrorCode.CONFLICT, f"disk {spec.disk_id!r} already belongs to VM {holder.vm.vm_id!r}")
+            if holder is None and spec.disk_id in self._reserved_disk_ids:
+                raise CommandError(ErrorCode.CONFLICT, f"disk {spec.disk_id!r} is being added to another VM")
 
     # --- mutations --------------------------------------------------------------------
 
-    def check_can_add(self, vm_id: str, disks: Sequence[DiskSpec]) -> None:
-        """The checks of add(), without writing: lets callers fail fast before slow work."""
-        if vm_id in self._vms:
+    def check_can_add(self, vm_id: str, disks: Sequence[DiskSpec], connecting: bool = False) -> None:
+        """The checks of add(), without writing: lets callers fail fast before slow work.
+
+        ``connecting``: for connect_vm, a VM another session is registering right now is a
+        conflict (it is theirs), not already_exists.
+        """
+        if vm_id in self._reserved_vm_ids and connecting:
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being registered by another session")
+        if vm_id in self._vms or vm_id in self._reserved_vm_ids:
             raise CommandError(ErrorCode.ALREADY_EXISTS, f"VM {vm_id!r} already exists")
         self._check_new_disks(disks)
 
-    def add(self, vm_id: str, ram: int, cpu: int, disks: Sequence[DiskSpec],
-            password_hash: str | None, owner: Owner | None = None) -> VM:
-        """Register a VM; with ``owner``, it is connected by that session in the same step."""
-        self.check_can_add(vm_id, disks)
+    async def add(self, vm_id: str, ram: int, cpu: int, disks: Sequence[DiskSpec],
+                  password_hash: str | None, owner: Owner | None = None) -> VM:
+        """Register a VM; with ``owner``, it is connected by that session in the same step.
+
+        :raises CommandError: already_exists, conflict. :raises StoreError: nothing was stored.
+        """
+        self.check_can_add(vm_id, disks, connecting=owner is not None)
+        disk_ids = [d.disk_id for d in disks]
+        self._reserved_vm_ids.add(vm_id)
+        self._reserved_disk_ids.update(disk_ids)
+
+        def unreserve() -> None:
+            self._reserved_vm_ids.discard(vm_id)
+            self._reserved_disk_ids.difference_update(disk_ids)
+
         now = utc_now()
         last_connected = now if owner is not None else None
-        vm_pk, disk_pks = self.store.insert_vm(
-            vm_id, ram, cpu, password_hash, [(d.disk_id, d.size) for d in disks], now, last_connected)
-        vm = VM(vm_pk, vm_id, ram, cpu, password_hash, last_connected)
-        for pk, spec in zip(disk_pks, disks):
-            disk = Disk(pk, spec.disk_id, spec.size, vm)
-            vm.disks.append(disk)
-            self._disks[disk.disk_id] = disk
-        vm.disks.sort(key=lambda d: d.id)
-        self._vms[vm_id] = vm
-        if owner is not None:
-            self._bind(vm, owner)
-        return vm
 
-    def connect(self, vm_id: str, owner: Owner) -> VM:
-        """Bind a known VM to ``owner``; idempotent for the same owner.
+        def committed(result: tuple[int, list[int]]) -> VM:
+            unreserve()
+            vm_pk, disk_pks = result
+            vm = VM(vm_pk, vm_id, ram, cpu, password_hash, last_connected)
+            for pk, spec in zip(disk_pks, disks):
+                disk = Disk(pk, spec.disk_id, spec.size, vm)
+                vm.disks.append(disk)
+                self._disks[disk.disk_id] = disk
+            self._vms[vm_id] = vm
+            if owner is not None and not owner.ended:
+                self._bind(vm, owner)
+            self._changed()
+            return vm
 
-        :raises CommandError: not_found, conflict (connected by another session).
+        return await self.writer.submit(
+            f"add {vm_id}", sql.insert_vm, vm_id, ram, cpu, password_hash,
+            [(d.disk_id, d.size) for d in disks], now, last_connected, on_commit=committed, on_fail=unreserve)
+
+    async def connect(self, vm_id: str, owner: Owner) -> VM:
+        """Bind a known VM to ``owner`` (idempotent for the same owner) and record last_connected.
+
+        The claim is made at once, so a racing session gets conflict; if recording fails, the
+        claim is undone.
+
+        :raises CommandError: not_found, conflict. :raises StoreError: not connected.
         """
         vm = self.get(vm_id)
         if vm.owner is owner:
             return vm
         if vm.owner is not None:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is connected by another session")
-        now = utc_now()
-        self.store.set_last_connected(vm.id, now)
-        vm.last_connected = now
         self._bind(vm, owner)
-        return vm
+        now = utc_now()
+
+        def committed(_: None) -> VM:
+            vm.last_connected = now
+            self._changed(vm)
+            return vm
+
+        def failed() -> None:
+            if vm.owner is owner:
+                self._unbind(vm)
+
+        return await self.writer.submit(f"connect {vm_id}", sql.set_last_connected, vm.id, now,
+                                        on_commit=committed, on_fail=failed)
 
     def _bind(self, vm: VM, owner: Owner) -> None:
         vm.owner = owner
         owner.vms.add(vm.vm_id)
-        vm.changed()
+        self._changed(vm)
 
     def held_by(self, vm_id: str, owner: Owner) -> VM:
         """The VM, which ``owner`` must have connected.
@@ -189,7 +242,7 @@ class Inventory:
         vm = self.held_by(vm_id, owner)
         if not vm.authorized:
             vm.authorized = True
-            vm.changed()
+            self._changed(vm)
         return vm
 
     def authorized_by(self, vm_id: str, owner: Owner) -> VM:
@@ -202,12 +255,16 @@ class Inventory:
     def deauthorize(self, vm_id: str, owner: Owner) -> VM:
         vm = self.authorized_by(vm_id, owner)
         vm.authorized = False
-        vm.changed()
+        self._changed(vm)
         return vm
 
-    def update(self, vm_id: str, owner: Owner, ram: int | None, cpu: int | None,
-               disks: Sequence[DiskSpec] | None) -> VM:
-        """Replace the given fields; ``disks`` replaces the whole disk set. All or nothing."""
+    async def update(self, vm_id: str, owner: Owner, ram: int | None, cpu: int | None,
+                     disks: Sequence[DiskSpec] | None) -> VM:
+        """Replace the given fields; ``disks`` replaces the whole disk set. All or nothing.
+
+        Only the authorizing session may update, and a session runs one command at a time, so
+        no other write to this VM can be pending meanwhile.
+        """
         vm = self.authorized_by(vm_id, owner)
         new_ram = vm.ram if ram is None else ram
         new_cpu = vm.cpu if cpu is None else cpu
@@ -224,25 +281,34 @@ class Inventory:
                 elif spec.size != disk.size:
                     resize.append((disk, spec.size))
             add = list(wanted.values())
-        new_pks = self.store.update_vm(
-            vm.id, new_ram, new_cpu, [d.id for d in remove],
-            [(d.id, size) for d, size in resize], [(s.disk_id, s.size) for s in add])
-        # Committed: now mirror it.
-        vm.ram, vm.cpu = new_ram, new_cpu
-        for disk in remove:
-            del self._disks[disk.disk_id]
-        for disk, size in resize:
-            disk.size = size
-            disk._json = None
-        if remove:
-            gone = {id(d) for d in remove}
-            vm.disks = [d for d in vm.disks if id(d) not in gone]
-        for pk, spec in zip(new_pks, add):
-            disk = Disk(pk, spec.disk_id, spec.size, vm)
-            vm.disks.append(disk)
-            self._disks[disk.disk_id] = disk
-        vm.changed()
-        return vm
+        added_ids = [s.disk_id for s in add]
+        self._reserved_disk_ids.update(added_ids)
+
+        def unreserve() -> None:
+            self._reserved_disk_ids.difference_update(added_ids)
+
+        def committed(new_pks: list[int]) -> VM:
+            unreserve()
+            vm.ram, vm.cpu = new_ram, new_cpu
+            for disk in remove:
+                del self._disks[disk.disk_id]
+            for disk, size in resize:
+                disk.size = size
+                disk._json = None
+            if remove:
+                gone = {id(d) for d in remove}
+                vm.disks = [d for d in vm.disks if id(d) not in gone]
+            for pk, spec in zip(new_pks, add):
+                disk = Disk(pk, spec.disk_id, spec.size, vm)
+                vm.disks.append(disk)
+                self._disks[disk.disk_id] = disk
+            self._changed(vm)
+            return vm
+
+        return await self.writer.submit(
+            f"update {vm_id}", sql.update_vm, vm.id, new_ram, new_cpu, [d.id for d in remove],
+            [(d.id, size) for d, size in resize], [(s.disk_id, s.size) for s in add],
+            on_commit=committed, on_fail=unreserve)
 
     def disconnect(self, vm_id: str, owner: Owner) -> VM:
         vm = self.held_by(vm_id, owner)
@@ -254,10 +320,11 @@ class Inventory:
             vm.owner.vms.discard(vm.vm_id)
         vm.owner = None
         vm.authorized = False
-        vm.changed()
+        self._changed(vm)
 
     def release(self, owner: Owner) -> list[str]:
         """A session ended: every VM it connected becomes disconnected and deauthorized."""
+        owner.ended = True
         released = []
         for vm_id in list(owner.vms):
             vm = self._vms.get(vm_id)
@@ -269,17 +336,47 @@ class Inventory:
 
     # --- lists (each built without yielding to the loop: one consistent snapshot) ------
 
+    def _cached(self, key: str, build: Any) -> Any:
+        value = self._lists.get(key)
+        if value is None:
+            value = self._lists[key] = build()
+        return value
+
     def all_vms_json(self) -> bytes:
-        return _json_list(vm.json() for vm in self._vms.values())
+        return self._cached("vms", lambda: _json_list(vm.json() for vm in self._vms.values()))
 
     def connected_vms_json(self) -> bytes:
-        return _json_list(vm.json() for vm in self._vms.values() if vm.owner is not None)
+        return self._cached("connected", lambda: _json_list(
+            vm.json() for vm in self._vms.values() if vm.owner is not None))
 
     def authorized_vms_json(self) -> bytes:
-        return _json_list(vm.json() for vm in self._vms.values() if vm.authorized)
+        return self._cached("authorized", lambda: _json_list(vm.json() for vm in self._vms.values() if vm.authorized))
 
     def all_disks_json(self) -> bytes:
-        return _json_list(d.listing_json() for d in self._disks.values())
+        return self._cached("disks", lambda: _json_list(d.listing_json() for d in self._disks.values()))
+
+    def vms_page(self, after: int, limit: int, which: str = "all") -> bytes:
+        """Up to ``limit`` VMs with ids above ``after`` (of all, connected or authorized ones)."""
+        order: list[VM] = self._cached("vm_order", lambda: list(self._vms.values()))
+        ids: list[int] = self._cached("vm_ids", lambda: [vm.id for vm in order])
+        keep = {"all": lambda vm: True, "connected": lambda vm: vm.owner is not None,
+                "authorized": lambda vm: vm.authorized}[which]
+        out: list[bytes] = []
+        for vm in order[bisect.bisect_right(ids, after):]:
+            if keep(vm):
+                out.append(vm.json())
+                if len(out) == limit:
+                    break
+        return _json_list(out)
+
+    def disks_page(self, after: int, limit: int) -> bytes:
+        """Up to ``limit`` disks with ids above ``after``."""
+        order: list[Disk] = self._cached("disk_order", lambda: list(self._disks.values()))
+        ids: list[int] = self._cached("disk_ids", lambda: [d.id for d in order])
+        start = bisect.bisect_right(ids, after)
+        return _json_list(d.listing_json() for d in order[start:start + limit])
 
     def close(self) -> None:
+        """Let the writer finish what is queued, then close the database."""
+        self.writer.close()
         self.store.close()

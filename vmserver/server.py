@@ -39,7 +39,7 @@ IDLE = "idle timeout"
 class Session:
     """One client connection; ``vms`` are the VMs it has connected (bound to its lifetime)."""
 
-    __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated")
+    __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended")
 
     def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True) -> None:
         self.name = name
@@ -49,6 +49,7 @@ class Session:
         self.last_active = time.monotonic()
         self.stop_reason: str | None = None  # why the server cancelled it, if it did
         self.authenticated = authenticated
+        self.ended = False  # set when its VMs are released: nothing may be bound to it after
 
     def __repr__(self) -> str:
         return f"<Session {self.name}>"
@@ -265,9 +266,10 @@ async def start_server(config: Config) -> Server:
 
     :raises StoreError: database unusable. :raises OSError, ssl.SSLError: cannot listen.
     """
-    inventory = Inventory(Store(config.db, config.busy_timeout_ms))
+    inventory = Inventory(Store(config.db, config.busy_timeout_ms), config.max_write_batch)
     server = Server(config, inventory)
     try:
+        inventory.start(asyncio.get_running_loop())
         await server.start()
     except BaseException:
         inventory.close()

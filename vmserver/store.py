@@ -10,9 +10,10 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,37 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 class StoreError(Exception):
     """A database operation failed; the message names the file and the operation."""
+
+
+T = TypeVar("T")
+
+
+# --- the writes, as functions of a connection (see Store.write and Store.write_batch) ---------
+
+
+def insert_vm(db: sqlite3.Connection, vm_id: str, ram: int, cpu: int, password_hash: str | None,
+              disks: Sequence[tuple[str, int]], now: str, last_connected: str | None = None) -> tuple[int, list[int]]:
+    """Insert a VM and its disks; returns the new VM id and disk ids (in the given order)."""
+    vm_pk = db.execute(
+        "INSERT INTO vms (vm_id, ram, cpu, password_hash, last_connected, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (vm_id, ram, cpu, password_hash, last_connected, now)).lastrowid
+    disk_pks = [db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)", (disk_id, size, vm_pk)).lastrowid
+                for disk_id, size in disks]
+    return vm_pk, disk_pks
+
+
+def update_vm(db: sqlite3.Connection, vm_pk: int, ram: int, cpu: int, remove: Sequence[int],
+              resize: Sequence[tuple[int, int]], add: Sequence[tuple[str, int]]) -> list[int]:
+    """Replace a VM's spec: drop, resize and add disks; returns the added disks' ids."""
+    db.execute("UPDATE vms SET ram = ?, cpu = ? WHERE id = ?", (ram, cpu, vm_pk))
+    db.executemany("DELETE FROM disks WHERE id = ?", [(pk,) for pk in remove])
+    db.executemany("UPDATE disks SET size = ? WHERE id = ?", [(size, pk) for pk, size in resize])
+    return [db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)", (disk_id, size, vm_pk)).lastrowid
+            for disk_id, size in add]
+
+
+def set_last_connected(db: sqlite3.Connection, vm_pk: int, when: str) -> None:
+    db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
 
 
 @dataclass(slots=True)
@@ -187,44 +219,57 @@ class Store:
             raise StoreError(f"database {self.path}: load failed: {exc}") from exc
         return vms, disks
 
-    # --- writes -------------------------------------------------------------------------
+    # --- writes ---------------------------------------------------------------------------
+    # Each write is a function of the connection, so it can run alone in its own transaction
+    # (``write``) or with others in one group-committed transaction (``write_batch``).
 
-    def insert_vm(
-        self, vm_id: str, ram: int, cpu: int, password_hash: str | None,
-        disks: Sequence[tuple[str, int]], now: str, last_connected: str | None = None,
-    ) -> tuple[int, list[int]]:
-        """Insert a VM and its disks; returns the new VM id and disk ids (in the given order)."""
-        with self._transaction(f"add {vm_id}") as db:
-            vm_pk = db.execute(
-                "INSERT INTO vms (vm_id, ram, cpu, password_hash, last_connected, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (vm_id, ram, cpu, password_hash, last_connected, now),
-            ).lastrowid
-            disk_pks = [
-                db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)",
-                           (disk_id, size, vm_pk)).lastrowid
-                for disk_id, size in disks
-            ]
-        return vm_pk, disk_pks
+    def write(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one write alone in its own transaction. :raises StoreError: the write changed nothing."""
+        with self._transaction(what) as db:
+            return fn(db, *args, **kwargs)
 
-    def update_vm(
-        self, vm_pk: int, ram: int, cpu: int, remove: Sequence[int],
-        resize: Sequence[tuple[int, int]], add: Sequence[tuple[str, int]],
-    ) -> list[int]:
-        """Replace a VM's spec: drop, resize and add disks; returns the added disks' ids."""
-        with self._transaction(f"update vm #{vm_pk}") as db:
-            db.execute("UPDATE vms SET ram = ?, cpu = ? WHERE id = ?", (ram, cpu, vm_pk))
-            db.executemany("DELETE FROM disks WHERE id = ?", [(pk,) for pk in remove])
-            db.executemany("UPDATE disks SET size = ? WHERE id = ?", [(size, pk) for pk, size in resize])
-            return [
-                db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)",
-                           (disk_id, size, vm_pk)).lastrowid
-                for disk_id, size in add
-            ]
+    def write_batch(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[Any, StoreError | None]]:
+        """Run writes in one transaction, each in a savepoint: a failing one is undone alone.
 
-    def set_last_connected(self, vm_pk: int, when: str) -> None:
-        with self._transaction(f"connect vm #{vm_pk}") as db:
-            db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
+        Returns (result, None) or (None, error) per job, once the transaction is committed (one
+        fsync for all). If the commit itself fails, every job fails.
+        """
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            return [(None, StoreError(f"database {self.path}: {what} failed: {exc}")) for what, _, _ in jobs]
+        outcomes: list[tuple[Any, StoreError | None]] = []
+        for what, fn, args in jobs:
+            try:
+                db.execute("SAVEPOINT job")
+                result = fn(db, *args)
+                db.execute("RELEASE job")
+                outcomes.append((result, None))
+            except sqlite3.Error as exc:
+                error = StoreError(f"database {self.path}: {what} failed: {exc}")
+                if not db.in_transaction:  # SQLite rolled everything back (e.g. disk full): all fail
+                    return [(None, error) for _ in jobs]
+                try:
+                    db.execute("ROLLBACK TO job")
+                    db.execute("RELEASE job")
+                except sqlite3.Error:
+                    self._abandon()
+                    return [(None, error) for _ in jobs]
+                outcomes.append((None, error))
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abandon()
+            return [(None, StoreError(f"database {self.path}: commit failed: {exc}")) for _ in jobs]
+        return outcomes
+
+    def _abandon(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("database %s: rollback failed: %s", self.path, exc)
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file, close the connection, release the lock."""

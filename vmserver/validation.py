@@ -20,6 +20,7 @@ CPU_MAX = 4096
 DISK_SIZE_MAX = 1024 * 1024  # GiB: 1 PiB
 DISKS_MAX = 64
 PASSWORD_MAX = 1024
+PAGE_MAX = 100_000  # records per page
 
 _IDENT = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -63,6 +64,8 @@ def _int_between(low: int, high: int) -> Callable[[Any, str], int]:
     return check
 
 
+page_limit = _int_between(1, PAGE_MAX)
+page_after = _int_between(0, 2**63 - 1)
 ram = _int_between(1, RAM_MAX)
 cpu = _int_between(1, CPU_MAX)
 disk_size = _int_between(1, DISK_SIZE_MAX)
