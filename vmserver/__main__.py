@@ -6,14 +6,13 @@ import asyncio
 import logging
 import resource
 import signal
-import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .config import Config, parse_config
-from .server import start_server
+from .server import TLSConfigError, start_server
 from .store import StoreError
 
 log = logging.getLogger("vmserver")
@@ -54,8 +53,8 @@ async def serve(config: Config) -> int:
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    except ssl.SSLError as exc:
-        log.error("cannot start: TLS certificate or key unusable (%s, %s): %s", config.tls_cert, config.tls_key, exc)
+    except TLSConfigError as exc:
+        log.error("cannot start: %s", exc)
         return 1
     except OSError as exc:
         log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), config.db)

@@ -12,6 +12,7 @@ import asyncio
 import difflib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,16 +89,19 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     :raises CommandError: auth_failed.
     """
     assert vm.password_hash is not None
-    wait = ctx.attempts.wait_left(vm.vm_id, time.monotonic())
-    if wait > 0:
-        raise CommandError(ErrorCode.AUTH_FAILED,
-                           f"too many wrong passwords for VM {vm.vm_id!r}; try again in {wait:.0f}s")
     if password is None:
         raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
-    if await asyncio.to_thread(verify_password, password, vm.password_hash):
-        ctx.attempts.succeeded(vm.vm_id)
+    wait = ctx.attempts.begin(vm.vm_id, time.monotonic())
+    if wait > 0:
+        raise CommandError(ErrorCode.AUTH_FAILED,
+                           f"too many failed password attempts for VM {vm.vm_id!r}; try again in {math.ceil(wait)}s")
+    ok = False
+    try:
+        ok = await asyncio.to_thread(verify_password, password, vm.password_hash)
+    finally:
+        failures = ctx.attempts.end(vm.vm_id, ok, time.monotonic())
+    if ok:
         return
-    failures = ctx.attempts.failed(vm.vm_id, time.monotonic())
     log.warning("%s %s: wrong password from %s (%d in a row)", cmd, vm.vm_id, session.name, failures)
     raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm.vm_id!r}")
 

@@ -171,8 +171,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] =
             values["token"] = _read_token(token_file)
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
-    if values["token"] == "":
-        values["token"] = None
+    if values["token"] is not None and not values["token"].strip():
+        parser.error("the token is empty: give a real one, or none at all")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
     return Config(**values)

@@ -43,28 +43,45 @@ class AttemptLimiter:
     """Slows down password guessing per VM: after ``allowed`` failures in a row, each further
     failure locks the VM's password checks for twice as long as the last (1 s, 2 s, ... 5 min).
 
-    In memory only: a restart forgives, which is acceptable for a delay, not a ban.
+    A check counts from the moment it starts (checks take tens of milliseconds), so guesses
+    sent at once from many connections cannot slip past the limit together. In memory only:
+    a restart forgives, which is acceptable for a delay, not a ban.
     """
 
     MAX_LOCK = 300.0
 
     def __init__(self, allowed: int) -> None:
         self.allowed = allowed
-        self._state: dict[str, tuple[int, float]] = {}  # vm_id -> (failures in a row, locked until)
+        self._failures: dict[str, int] = {}  # failures in a row
+        self._locked_until: dict[str, float] = {}
+        self._checking: dict[str, int] = {}  # checks under way
 
-    def wait_left(self, key: str, now: float) -> float:
-        """Seconds until ``key`` may be tried again (0 when it may be tried now)."""
-        _, until = self._state.get(key, (0, 0.0))
-        return max(0.0, until - now)
+    def begin(self, key: str, now: float) -> float:
+        """Start a check. Returns 0 when it may proceed (call ``end`` after), else seconds to wait."""
+        wait = self._locked_until.get(key, 0.0) - now
+        if wait > 0:
+            return wait
+        failures, checking = self._failures.get(key, 0), self._checking.get(key, 0)
+        # Below the limit, as many checks at once as failures are still allowed; past it (the
+        # lock has expired), one at a time: its failure locks again for twice as long.
+        if checking >= max(self.allowed - failures, 1):
+            return 1.0
+        self._checking[key] = checking + 1
+        return 0.0
 
-    def failed(self, key: str, now: float) -> int:
-        failures = self._state.get(key, (0, 0.0))[0] + 1
-        until = now + min(2.0 ** (failures - self.allowed), self.MAX_LOCK) if failures >= self.allowed else 0.0
-        self._state[key] = (failures, until)
+    def end(self, key: str, ok: bool, now: float) -> int:
+        """Finish a check; returns the failures in a row (0 after a success)."""
+        left = self._checking.get(key, 1) - 1
+        if left:
+            self._checking[key] = left
+        else:
+            self._checking.pop(key, None)
+        if ok:
+            self._failures.pop(key, None)
+            self._locked_until.pop(key, None)
+            return 0
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        if failures >= self.allowed:
+            self._locked_until[key] = now + min(2.0 ** (failures - self.allowed), self.MAX_LOCK)
         return failures
-
-    def succeeded(self, key: str) -> None:
-        self._state.pop(key, None)
-
-    def forget(self, key: str) -> None:
-        self._state.pop(key, None)

@@ -55,12 +55,22 @@ class Session:
         return f"<Session {self.name}>"
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
+class TLSConfigError(Exception):
+    """The TLS certificate or key cannot be used; the message names the files."""
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without --tls-cert. :raises TLSConfigError:"""
     if not config.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls_cert, config.tls_key)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = exc.strerror if exc.strerror and not isinstance(exc, ssl.SSLError) else str(exc)
+        raise TLSConfigError(
+            f"TLS certificate {config.tls_cert} or key {config.tls_key} unusable: {reason}") from exc
     return context
 
 
@@ -84,12 +94,12 @@ class Server:
         self._closing = False
         self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None)
 
-    async def start(self) -> None:
-        """Listen. :raises OSError: address in use. :raises ssl.SSLError: unusable certificate."""
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        """Listen (with TLS when given a context). :raises OSError: address in use."""
         # The reader's limit allows the longest line plus a '\r'; longer lines are cut by us.
         self._server = await asyncio.start_server(
             self._serve, self.config.host, self.config.port, limit=self.config.max_line + 1,
-            backlog=_BACKLOG, ssl=_tls_context(self.config), ssl_handshake_timeout=10.0 if self.config.tls_cert else None)
+            backlog=_BACKLOG, ssl=tls, ssl_handshake_timeout=10.0 if tls else None)
         if self.config.idle_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
 
@@ -262,15 +272,17 @@ class Server:
 
 
 async def start_server(config: Config) -> Server:
-    """Open the store, load the inventory, and start listening.
+    """Check TLS, open the store, load the inventory, and start listening.
 
-    :raises StoreError: database unusable. :raises OSError, ssl.SSLError: cannot listen.
+    :raises TLSConfigError: certificate unusable. :raises StoreError: database unusable.
+    :raises OSError: cannot listen.
     """
+    tls = tls_context(config)  # first: a bad certificate should not leave a new database behind
     inventory = Inventory(Store(config.db, config.busy_timeout_ms), config.max_write_batch)
     server = Server(config, inventory)
     try:
         inventory.start(asyncio.get_running_loop())
-        await server.start()
+        await server.start(tls)
     except BaseException:
         inventory.close()
         raise

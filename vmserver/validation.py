@@ -71,22 +71,18 @@ cpu = _int_between(1, CPU_MAX)
 disk_size = _int_between(1, DISK_SIZE_MAX)
 
 
-def password(value: Any, path: str) -> str:
+def secret(value: Any, path: str) -> str:
+    """A password or token: 1 to PASSWORD_MAX characters of real text. Never echoed back."""
     if isinstance(value, str) and 1 <= len(value) <= PASSWORD_MAX:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidArgs(path, f"{path}: must be valid Unicode text (no lone surrogates)") from None
         return value
-    # Never echo a password back, not even a malformed one.
     raise InvalidArgs(path, f"{path}: must be a string of 1 to {PASSWORD_MAX} characters, got {json_type(value)}")
 
 
-def token(value: Any, path: str) -> str:
-    if isinstance(value, str) and 1 <= len(value) <= PASSWORD_MAX:
-        return value
-    # Like a password, a token is never echoed back.
-    raise InvalidArgs(path, f"{path}: must be a string of 1 to {PASSWORD_MAX} characters, got {json_type(value)}")
+password = token = secret
 
 
 @dataclass(frozen=True, slots=True)
