@@ -228,7 +228,8 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
-_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ",
+                 b"PRI ")  # PRI * HTTP/2.0: the HTTP/2 connection preface
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/\d")
 
 
