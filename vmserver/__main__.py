@@ -19,11 +19,15 @@ log = logging.getLogger("vmserver")
 
 
 def _prepare_db_dir(db: str) -> None:
+    """Create the database's directory (private to this user). :raises StoreError:"""
     if db == ":memory:" or db.startswith("file:"):
         return
     parent = Path(db).expanduser().parent
     if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
+        try:
+            parent.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory of database {db}: {exc.strerror or exc}") from exc
 
 
 def _raise_fd_limit(wanted: int) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _TOO_LARGE = object()  # read_line's answer for an over-long line (already discarded)
 _BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
 _WRITE_HIGH_WATER = 256 * 1024  # past this much unsent output, stop reading until the peer reads
+_LINGER = 1.0  # seconds a closing session's unread input may take to drain
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}  # a dead peer is noticed in ~2 min
 
 SHUTDOWN = "server shutdown"
@@ -211,18 +212,31 @@ class Server:
             self.sessions.discard(session)
             level = logging.INFO if reason not in ("closed by peer", SHUTDOWN) else logging.DEBUG
             log.log(level, "session %s ended (%s); released %s", name, reason, ", ".join(released) or "no VMs")
-            await self._hang_up(writer, shutdown=reason == SHUTDOWN)
+            await self._hang_up(writer, shutdown=reason == SHUTDOWN, reader=None if reader.at_eof() else reader)
 
-    async def _hang_up(self, writer: asyncio.StreamWriter, shutdown: bool) -> None:
+    async def _hang_up(self, writer: asyncio.StreamWriter, shutdown: bool,
+                       reader: asyncio.StreamReader | None = None) -> None:
+        """Close so that the peer reads everything we sent: half-close first, then let unread
+        input drain (briefly) — closing a socket with unread input makes the kernel send a
+        reset, and a reset makes the peer drop replies it has not read yet."""
         try:
-            if shutdown and not writer.is_closing():
-                writer.write(encode_event("shutdown", {}))
+            if not writer.is_closing():
+                if shutdown:
+                    writer.write(encode_event("shutdown", {}))
+                if reader is not None and writer.can_write_eof():
+                    writer.write_eof()
+                    await asyncio.wait_for(self._drain_input(reader), _LINGER)
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), timeout=2.0)
-        except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (ConnectionError, OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
             writer.transport.abort()
         except asyncio.CancelledError:
             writer.transport.abort()
+
+    @staticmethod
+    async def _drain_input(reader: asyncio.StreamReader) -> None:
+        while await reader.read(65536):
+            pass
 
     async def _read_line(self, reader: asyncio.StreamReader) -> bytes | object | None:
         """The next line without its terminator; _TOO_LARGE for a discarded over-long line; None at EOF.

@@ -146,8 +146,12 @@ class Store:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
             os.close(fd)
             raise StoreError(f"database {path} is in use by another vmserver (pid {holder}, lock {lock_path})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # e.g. the disk is full
+            os.close(fd)
+            raise StoreError(f"cannot open database {path}: cannot write {lock_path}: {exc.strerror}") from exc
         return fd
 
     def _unlock(self) -> None:
