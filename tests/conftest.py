@@ -20,11 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from vmserver.config import Config
 from vmserver.server import Server, start_server
 
 TIMEOUT = 10.0  # no single read in a test may wait longer than this
+
+# CI (CI=true) replays the same examples every run, so a red build always means a change broke
+# something; on a developer's machine hypothesis keeps exploring new examples.
+hypothesis_settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 class Wire:

@@ -1198,7 +1198,7 @@ def _inline_lines(draw: Any) -> str:
         pairs.append(f"{key}={_inline_value(value, draw(st.booleans()))}")
     if pairs and draw(st.integers(0, 9)) == 0:
         pairs.append(pairs[0])  # a key given twice
-    return name + " " + " ".join(pairs)
+    return (name + " " + " ".join(pairs)).replace("\n", " ")  # one line: random keys may hold newlines
 
 
 @CONTRACT_SETTINGS
