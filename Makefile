@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test demo clean
+.PHONY: run test demo bench bench-smoke clean
 
 # The stamps reinstall only when pyproject.toml changes.
 $(BIN)/python:
@@ -27,6 +27,13 @@ test: $(VENV)/.installed-test
 # Starts a server on a temporary database, runs the fleet demo against it, stops it.
 demo: $(VENV)/.installed
 	$(BIN)/python -m vmclient demo --spawn-server $(ARGS)
+
+# The benchmark suite (a few minutes; pins servers and load to separate cores). See benchmarks/BENCHMARKS.md.
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+bench-smoke: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.run --smoke $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

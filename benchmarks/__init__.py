@@ -1,0 +1,1 @@
+"""Benchmark suite: our server against a bare reference server, same load generators, same machine."""
