@@ -128,3 +128,32 @@ async def test_paging_through_lists(wire):
 @pytest.mark.parametrize("args", [{"limit": 0}, {"limit": 100001}, {"after": -1}, {"limit": "3"}, {"after": 1.5}])
 async def test_paging_arguments_are_checked(wire, args):
     assert await wire.error("get_all_vms", **args) == "invalid_args"
+
+
+async def test_large_replies_arrive_whole_while_others_are_served(tmp_path):
+    """A list of megabytes is written a slice at a time; it arrives whole and exact, and a second
+    session is answered in between."""
+    path = str(tmp_path / "big.db")
+    store = Store(path)
+    for i in range(3000):
+        store.write("seed", sql.insert_vm, f"big-{i}", 1024, 2, None, [(f"big-{i}-a", 10), (f"big-{i}-b", 20)], NOW)
+    store.close()
+    srv = await start_server(Config(host="127.0.0.1", port=0, db=path))
+    try:
+        big, other = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
+        await big.send('{"cmd":"get_all_vms","id":"big"}')
+        await big.send('{"cmd":"get_all_disks","id":"disks"}')
+        assert await other.ok("health") == "OK"
+        line = await big.recv_line()
+        assert len(line) > 600_000 and line.endswith(b"}\n")
+        reply = __import__("json").loads(line)
+        assert reply["id"] == "big" and [vm["vm_id"] for vm in reply["result"]] == [f"big-{i}" for i in range(3000)]
+        assert line == b'{"id":"big","ok":true,"result":' + srv.inventory.all_vms_json() + b"}\n"
+        disks = await big.recv()
+        assert disks["id"] == "disks" and len(disks["result"]) == 6000
+        assert await big.ok("health") == "OK"  # the session goes on after its large replies
+        await big.close()
+        await other.close()
+    finally:
+        await srv.close()
+        srv.inventory.close()

@@ -269,8 +269,11 @@ async def _refuse_token(session: Owner) -> bytes:
 # --- dispatch ----------------------------------------------------------------------------
 
 
-async def execute(ctx: Context, session: Owner, request: Request) -> bytes:
-    """Run one request and return its reply line. Never raises for anything the request did."""
+async def execute(ctx: Context, session: Owner, request: Request) -> bytes | tuple[bytes, ...]:
+    """Run one request and return its reply line (in pieces when large: see encode_ok).
+
+    Never raises for anything the request did.
+    """
     cmd = COMMANDS.get(request.cmd)
     if cmd is None:
         return encode_error(request.id, ErrorCode.UNKNOWN_COMMAND, _unknown(request.cmd))

@@ -11,13 +11,15 @@ each check-and-claim is atomic with respect to every session.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from . import store as sql
 from .errors import CommandError, ErrorCode
-from .protocol import dumps, utc_now
+from .protocol import utc_now
 from .store import Store
 from .validation import DiskSpec
 from .writer import DEFAULT_MAX_BATCH, GroupCommitter
@@ -34,36 +36,57 @@ class Owner(Protocol):
     ended: bool  # its connection is gone: nothing may be bound to it any more
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9._:-]*")
+
+
+def _quoted(text: str) -> str:
+    """A JSON string. Names are validated to need no escaping; anything else (a file edited by
+    hand) goes through json.dumps."""
+    return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
 class Disk:
-    __slots__ = ("id", "disk_id", "size", "vm", "_json")
+    """A disk, with its two JSON forms kept encoded (re-encoded only when it changes)."""
+
+    __slots__ = ("id", "disk_id", "size", "vm", "record_json", "_listing")
 
     def __init__(self, id: int, disk_id: str, size: int, vm: VM) -> None:
         self.id, self.disk_id, self.size, self.vm = id, disk_id, size, vm
-        self._json: bytes | None = None
+        self.encode()
+
+    def encode(self) -> None:
+        self.record_json = f'{{"id":{self.id},"disk_id":{_quoted(self.disk_id)},"size":{self.size},"vm_id":{self.vm.id}'
+        self._listing = f'{self.record_json},"vm":{self.vm.quoted_id}}}'.encode()
+        self.record_json += "}"
 
     def record(self) -> dict[str, Any]:
         return {"id": self.id, "disk_id": self.disk_id, "size": self.size, "vm_id": self.vm.id}
 
     def listing_json(self) -> bytes:
         """The get_all_disks form: the record plus the VM's name."""
-        if self._json is None:
-            self._json = dumps({**self.record(), "vm": self.vm.vm_id})
-        return self._json
+        return self._listing
 
 
 class VM:
-    __slots__ = ("id", "vm_id", "ram", "cpu", "disks", "password_hash", "last_connected",
+    """A VM and its presence, with its record's JSON kept encoded (re-encoded when it changes).
+
+    Encoding by formatting, not json.dumps: every field is an int, a bool, a validated name or
+    a timestamp, so this is exact, and several times faster for a fleet of 100,000.
+    """
+
+    __slots__ = ("id", "vm_id", "quoted_id", "ram", "cpu", "disks", "password_hash", "last_connected",
                  "owner", "authorized", "_json")
 
     def __init__(self, id: int, vm_id: str, ram: int, cpu: int, password_hash: str | None,
                  last_connected: str | None) -> None:
         self.id, self.vm_id, self.ram, self.cpu = id, vm_id, ram, cpu
+        self.quoted_id = _quoted(vm_id)
         self.password_hash = password_hash
         self.last_connected = last_connected
         self.disks: list[Disk] = []  # ordered by disk id
         self.owner: Owner | None = None  # the session that connected it, while it lives
         self.authorized = False
-        self._json: bytes | None = None
+        self._json = b""
 
     def record(self) -> dict[str, Any]:
         return {
@@ -73,9 +96,16 @@ class VM:
             "last_connected": self.last_connected,
         }
 
+    def encode(self) -> None:
+        last = "null" if self.last_connected is None else _quoted(self.last_connected)
+        self._json = (
+            f'{{"id":{self.id},"vm_id":{self.quoted_id},"ram":{self.ram},"cpu":{self.cpu},'
+            f'"disks":[{",".join(d.record_json for d in self.disks)}],'
+            f'"connected":{"false" if self.owner is None else "true"},'
+            f'"authorized":{"true" if self.authorized else "false"},"last_connected":{last}}}'
+        ).encode()
+
     def json(self) -> bytes:
-        if self._json is None:
-            self._json = dumps(self.record())
         return self._json
 
 
@@ -109,13 +139,15 @@ class Inventory:
             disk = Disk(row.id, row.disk_id, row.size, vm)
             vm.disks.append(disk)
             self._disks[disk.disk_id] = disk
+        for vm in self._vms.values():  # encode the whole fleet now, not in the first list request
+            vm.encode()
 
     def __len__(self) -> int:
         return len(self._vms)
 
     def _changed(self, vm: VM | None = None) -> None:
         if vm is not None:
-            vm._json = None
+            vm.encode()
         self._lists.clear()
 
     # --- lookups ----------------------------------------------------------------------
@@ -187,7 +219,7 @@ class Inventory:
             self._vms[vm_id] = vm
             if owner is not None and not owner.ended:
                 self._bind(vm, owner)
-            self._changed()
+            self._changed(vm)
             return vm
 
         return await self.writer.submit(
@@ -294,7 +326,7 @@ class Inventory:
                 del self._disks[disk.disk_id]
             for disk, size in resize:
                 disk.size = size
-                disk._json = None
+                disk.encode()
             if remove:
                 gone = {id(d) for d in remove}
                 vm.disks = [d for d in vm.disks if id(d) not in gone]

@@ -252,10 +252,19 @@ def dumps(value: Any) -> bytes:
     return _encoder.encode(value).encode("ascii")
 
 
-def encode_ok(request_id: Any, result: bytes) -> bytes:
-    """A success line around an already-encoded result (encoded results are cached upstream)."""
-    rid = b"null" if request_id is None else dumps(request_id)
-    return b'{"id":' + rid + b',"ok":true,"result":' + result + b"}\n"
+LARGE_REPLY = 256 * 1024  # bytes of result past which a reply is kept in pieces
+
+
+def encode_ok(request_id: Any, result: bytes) -> bytes | tuple[bytes, bytes, bytes]:
+    """A success line around an already-encoded result (encoded results are cached upstream).
+
+    A large result comes back as (head, result, tail), not copied into one new string: a list
+    of 100,000 VMs is tens of MB, and the server writes it out piece by piece.
+    """
+    head = b'{"id":' + (b"null" if request_id is None else dumps(request_id)) + b',"ok":true,"result":'
+    if len(result) > LARGE_REPLY:
+        return head, result, b"}\n"
+    return head + result + b"}\n"
 
 
 def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:

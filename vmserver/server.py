@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _TOO_LARGE = object()  # read_line's answer for an over-long line (already discarded)
 _BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
 _WRITE_HIGH_WATER = 256 * 1024  # past this much unsent output, stop reading until the peer reads
+_SLICE = 256 * 1024  # a large reply is written this much at a time
 _LINGER = 1.0  # seconds a closing session's unread input may take to drain
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}  # a dead peer is noticed in ~2 min
 
@@ -191,7 +192,10 @@ class Server:
                 if reply is not None:
                     if writer.transport.is_closing():
                         break  # the peer is gone; nobody to answer
-                    writer.write(reply)
+                    if type(reply) is bytes:
+                        writer.write(reply)
+                    else:
+                        await self._write_pieces(writer, reply)  # type: ignore[arg-type]
                     if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
                         # Backpressure: read no more from a peer that does not read its replies.
                         await asyncio.wait_for(writer.drain(), self.config.write_timeout)
@@ -213,6 +217,16 @@ class Server:
             level = logging.INFO if reason not in ("closed by peer", SHUTDOWN) else logging.DEBUG
             log.log(level, "session %s ended (%s); released %s", name, reason, ", ".join(released) or "no VMs")
             await self._hang_up(writer, shutdown=reason == SHUTDOWN, reader=None if reader.at_eof() else reader)
+
+    async def _write_pieces(self, writer: asyncio.StreamWriter, pieces: tuple[bytes, ...]) -> None:
+        """Write a large reply a slice at a time, letting the peer read in between: the event loop
+        never copies tens of MB in one go, so other sessions keep being answered meanwhile."""
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), _SLICE):
+                writer.write(view[start:start + _SLICE])
+                if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                    await asyncio.wait_for(writer.drain(), self.config.write_timeout)
 
     async def _hang_up(self, writer: asyncio.StreamWriter, shutdown: bool,
                        reader: asyncio.StreamReader | None = None) -> None:
