@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from .errors import CommandError, ErrorCode
@@ -279,10 +279,16 @@ def encode_greeting(version: str, commands: list[str], auth_required: bool = Fal
     return dumps({"hello": hello}) + b"\n"
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def utc_now() -> str:
     """ISO-8601 UTC with milliseconds and a Z, the one timestamp format on the wire."""
-    now = datetime.now(timezone.utc)
-    return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z"
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
 def encode_event(name: str, data: dict[str, Any]) -> bytes:

@@ -73,8 +73,10 @@ def update_vm(db: sqlite3.Connection, vm_pk: int, ram: int, cpu: int, remove: Se
               resize: Sequence[tuple[int, int]], add: Sequence[tuple[str, int]]) -> list[int]:
     """Replace a VM's spec: drop, resize and add disks; returns the added disks' ids."""
     db.execute("UPDATE vms SET ram = ?, cpu = ? WHERE id = ?", (ram, cpu, vm_pk))
-    db.executemany("DELETE FROM disks WHERE id = ?", [(pk,) for pk in remove])
-    db.executemany("UPDATE disks SET size = ? WHERE id = ?", [(size, pk) for pk, size in resize])
+    if remove:
+        db.executemany("DELETE FROM disks WHERE id = ?", [(pk,) for pk in remove])
+    if resize:
+        db.executemany("UPDATE disks SET size = ? WHERE id = ?", [(size, pk) for pk, size in resize])
     return [db.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES (?, ?, ?)", (disk_id, size, vm_pk)).lastrowid
             for disk_id, size in add]
 
@@ -244,15 +246,20 @@ class Store:
         except sqlite3.Error as exc:
             return [(None, StoreError(f"database {self.path}: {what} failed: {exc}")) for what, _, _ in jobs]
         outcomes: list[tuple[Any, StoreError | None]] = []
+        alone = len(jobs) == 1  # then the transaction itself isolates it: no savepoint needed
         for what, fn, args in jobs:
             try:
-                db.execute("SAVEPOINT job")
-                result = fn(db, *args)
-                db.execute("RELEASE job")
+                if alone:
+                    result = fn(db, *args)
+                else:
+                    db.execute("SAVEPOINT job")
+                    result = fn(db, *args)
+                    db.execute("RELEASE job")
                 outcomes.append((result, None))
             except sqlite3.Error as exc:
                 error = StoreError(f"database {self.path}: {what} failed: {exc}")
-                if not db.in_transaction:  # SQLite rolled everything back (e.g. disk full): all fail
+                if alone or not db.in_transaction:  # all of it is undone (e.g. disk full): all fail
+                    self._abandon()
                     return [(None, error) for _ in jobs]
                 try:
                     db.execute("ROLLBACK TO job")
