@@ -269,10 +269,14 @@ async def _refuse_token(session: Owner) -> bytes:
 # --- dispatch ----------------------------------------------------------------------------
 
 
-async def execute(ctx: Context, session: Owner, request: Request) -> bytes | tuple[bytes, ...]:
-    """Run one request and return its reply line (in pieces when large: see encode_ok).
+Reply = Union[bytes, tuple[bytes, ...]]
 
-    Never raises for anything the request did.
+
+def execute(ctx: Context, session: Owner, request: Request) -> Reply | Awaitable[Reply]:
+    """Run one request: its reply line (in pieces when large: see encode_ok), or, for a command
+    with slow work, an awaitable of it. Never raises for anything the request did.
+
+    Not a coroutine itself, so the common, quick commands cost no coroutine at all.
     """
     cmd = COMMANDS.get(request.cmd)
     if cmd is None:
@@ -282,23 +286,34 @@ async def execute(ctx: Context, session: Owner, request: Request) -> bytes | tup
                             "this server requires a token: send auth token=... first")
     try:
         result = cmd.handler(ctx, session, cmd.schema.validate(cmd.name, request.args))
-        if type(result) is not bytes:
-            result = await result
-    except InvalidArgs as exc:
+    except Exception as exc:
+        return _error_reply(request, cmd, exc)
+    if type(result) is bytes:
+        return encode_ok(request.id, result)
+    return _finish(request, cmd, result)
+
+
+async def _finish(request: Request, cmd: Command, pending: Awaitable[bytes]) -> Reply:
+    try:
+        return encode_ok(request.id, await pending)
+    except Exception as exc:
+        return _error_reply(request, cmd, exc)
+
+
+def _error_reply(request: Request, cmd: Command, exc: Exception) -> bytes:
+    if isinstance(exc, InvalidArgs):
         message = exc.message
-        hint = request.hints.get(exc.arg)
+        hint = request.hints.get(exc.arg) if request.hints else None
         if hint:
             message = f"{message} ({exc.arg}: {hint})"
         return encode_error(request.id, exc.code, message)
-    except CommandError as exc:
+    if isinstance(exc, CommandError):
         return encode_error(request.id, exc.code, exc.message)
-    except StoreError as exc:
+    if isinstance(exc, StoreError):
         log.error("%s failed: %s", cmd.name, exc)
         return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: storage error (nothing was changed)")
-    except Exception:
-        log.exception("%s failed with an unexpected error", cmd.name)
-        return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: internal error (see server log)")
-    return encode_ok(request.id, result)
+    log.error("%s failed with an unexpected error", cmd.name, exc_info=exc)
+    return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: internal error (see server log)")
 
 
 def _unknown(name: str) -> str:

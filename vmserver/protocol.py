@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import CommandError, ErrorCode
@@ -37,7 +37,7 @@ class Request:
     id: Any = None
     # Inline-form values that looked like JSON but did not parse, by argument name; lets a
     # later type error explain itself instead of only saying "got a string".
-    hints: dict[str, str] = field(default_factory=dict)
+    hints: dict[str, str] | None = None
 
 
 # --- strict JSON decoding ----------------------------------------------------------------
@@ -121,8 +121,8 @@ def _parse_envelope(text: str) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(ErrorCode.BAD_REQUEST, f"a request must be a JSON object, got {json_type(obj)}")
     request_id = obj.get("id")
-    extra = obj.keys() - _ENVELOPE_KEYS
-    if extra:
+    if not _ENVELOPE_KEYS.issuperset(obj):
+        extra = obj.keys() - _ENVELOPE_KEYS
         raise RequestError(
             ErrorCode.BAD_REQUEST,
             f"unknown envelope key {sorted(extra)[0]!r} (allowed: cmd, args, id)",
@@ -186,7 +186,7 @@ def _parse_key_values(name: str, rest: str, offset: int) -> Request:
         args[key] = value
         if hint:
             hints[key] = hint
-    return Request(name, args, None, hints)
+    return Request(name, args, None, hints or None)
 
 
 def _inline_value(rest: str, pos: int, offset: int) -> tuple[Any, int, str | None]:
@@ -261,14 +261,22 @@ def encode_ok(request_id: Any, result: bytes) -> bytes | tuple[bytes, bytes, byt
     A large result comes back as (head, result, tail), not copied into one new string: a list
     of 100,000 VMs is tens of MB, and the server writes it out piece by piece.
     """
-    head = b'{"id":' + (b"null" if request_id is None else dumps(request_id)) + b',"ok":true,"result":'
+    head = b'{"id":' + _id_json(request_id) + b',"ok":true,"result":'
     if len(result) > LARGE_REPLY:
         return head, result, b"}\n"
     return head + result + b"}\n"
 
 
+def _id_json(request_id: Any) -> bytes:
+    if request_id is None:
+        return b"null"
+    if type(request_id) is int:  # the usual id: no encoder needed
+        return str(request_id).encode()
+    return dumps(request_id)
+
+
 def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:
-    rid = b"null" if request_id is None else dumps(request_id)
+    rid = _id_json(request_id)
     body = dumps({"code": code.value, "message": message})
     return b'{"id":' + rid + b',"ok":false,"error":' + body + b"}\n"
 

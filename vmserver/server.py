@@ -13,10 +13,11 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from . import __version__
-from .commands import COMMANDS, Context, execute
+from .commands import COMMANDS, Context, Reply, execute
 from .config import Config
 from .errors import ErrorCode
 from .inventory import Inventory
@@ -187,7 +188,9 @@ class Server:
                     reason = "HTTP request refused"
                     break
                 session.busy = True
-                reply = await self._respond(session, line)
+                reply = self._respond(session, line)
+                if reply is not None and type(reply) is not bytes and type(reply) is not tuple:
+                    reply = await reply  # type: ignore[misc]
                 session.busy = False
                 if reply is not None:
                     if writer.transport.is_closing():
@@ -284,7 +287,8 @@ class Server:
             except asyncio.IncompleteReadError:
                 return
 
-    async def _respond(self, session: Session, line: bytes | object) -> bytes | None:
+    def _respond(self, session: Session, line: bytes | object) -> Reply | Awaitable[Reply] | None:
+        """The reply to one line (None for a line to ignore), or an awaitable of it."""
         if line is _TOO_LARGE:
             return encode_error(
                 None, ErrorCode.TOO_LARGE,
@@ -296,7 +300,7 @@ class Server:
             return encode_error(exc.request_id, exc.code, exc.message)
         if request is None:
             return None
-        return await execute(self.context, session, request)
+        return execute(self.context, session, request)
 
 
 async def start_server(config: Config) -> Server:
