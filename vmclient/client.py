@@ -373,9 +373,26 @@ class Client:
         return await self.call("disconnect_vm", timeout=timeout, vm_id=vm_id)
 
     async def get_all_vms(self, *, after: int | None = None, limit: int | None = None,
-                     timeout: float | None = _DEFAULT) -> list[VM]:
-        """The list, or one page of it: up to ``limit`` records with ids above ``after``."""
-        return await self.call("get_all_vms", timeout=timeout, **_present(after=after, limit=limit))
+                          connected: bool | None = None, authorized: bool | None = None,
+                          prefix: str | None = None, timeout: float | None = _DEFAULT) -> list[VM]:
+        """Every VM, or those matching the filters; a page of them with ``after``/``limit``."""
+        args = _present(after=after, limit=limit, connected=connected, authorized=authorized, prefix=prefix)
+        return await self.call("get_all_vms", timeout=timeout, **args)
+
+    async def get_vm(self, vm_id: str, *, timeout: float | None = _DEFAULT) -> VM:
+        """One VM's record. :raises NotFound:"""
+        return await self.call("get_vm", timeout=timeout, vm_id=vm_id)
+
+    async def remove_vm(self, vm_id: str, *, password: str | None = None, timeout: float | None = _DEFAULT) -> VM:
+        """Unregister a VM and its disks; returns its last record.
+
+        :raises Conflict: it is connected. :raises AuthFailed: its password is wrong or missing.
+        """
+        return await self.call("remove_vm", timeout=timeout, **_present(vm_id=vm_id, password=password))
+
+    async def stats(self, *, timeout: float | None = _DEFAULT) -> dict[str, int]:
+        """Counts (vms, connected, authorized, disks) and totals (ram, cpu, disk_size)."""
+        return await self.call("stats", timeout=timeout)
 
     async def get_connected_vms(self, *, after: int | None = None, limit: int | None = None,
                      timeout: float | None = _DEFAULT) -> list[VM]:

@@ -79,6 +79,10 @@ def human(cmd: str, result: Any) -> str:
             return vm_table(result) if result else "(no VMs)"
     if isinstance(result, dict) and "vm_id" in result and "disks" in result:
         return vm_block(result)
+    if cmd == "stats" and isinstance(result, dict):
+        width = max(len(k) for k in result) + 1
+        units = {"ram": " MiB", "disk_size": " GiB"}
+        return "\n".join(f"{k + ':':<{width}} {v}{units.get(k, '')}" for k, v in result.items())
     return json.dumps(result, indent=2, ensure_ascii=False)
 
 

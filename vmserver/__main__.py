@@ -36,7 +36,7 @@ def _raise_fd_limit(wanted: int) -> None:
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if target < wanted:
+    if hard != resource.RLIM_INFINITY and hard < wanted - 64:
         log.warning("open-file limit %d is below --max-connections; sessions past it will fail to open", hard)
 
 

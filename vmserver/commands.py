@@ -219,28 +219,65 @@ def _page(a: dict[str, Any]) -> tuple[int, int] | None:
     return a.get("after", 0), a.get("limit", v.PAGE_MAX)
 
 
-@command("get_all_vms", "List every VM, ordered by id (optionally a page: after, limit).", *_PAGE)
+_FILTERS = (
+    Param("connected", v.flag, False, "only VMs that are (true) or are not (false) connected"),
+    Param("authorized", v.flag, False, "only VMs that are (true) or are not (false) authorized"),
+    Param("prefix", v.prefix, False, "only VMs whose vm_id starts with this"),
+)
+
+
+@command("get_all_vms", "List every VM, ordered by id (optionally filtered, or a page: after, limit).",
+         *_PAGE, *_FILTERS)
 def get_all_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    page = _page(a)
-    return ctx.inventory.all_vms_json() if page is None else ctx.inventory.vms_page(*page)
+    if not a:
+        return ctx.inventory.all_vms_json()
+    return ctx.inventory.vms_page(a.get("after", 0), a.get("limit"), a.get("connected"), a.get("authorized"),
+                                  a.get("prefix", ""))
 
 
 @command("get_connected_vms", "List the VMs connected now, ordered by id (optionally a page).", *_PAGE)
 def get_connected_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     page = _page(a)
-    return ctx.inventory.connected_vms_json() if page is None else ctx.inventory.vms_page(*page, "connected")
+    return ctx.inventory.connected_vms_json() if page is None else ctx.inventory.vms_page(*page, connected=True)
 
 
 @command("get_authorized_vms", "List the VMs authorized now, ordered by id (optionally a page).", *_PAGE)
 def get_authorized_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     page = _page(a)
-    return ctx.inventory.authorized_vms_json() if page is None else ctx.inventory.vms_page(*page, "authorized")
+    return ctx.inventory.authorized_vms_json() if page is None else ctx.inventory.vms_page(*page, authorized=True)
 
 
 @command("get_all_disks", "List every disk with the name of its VM, ordered by id (optionally a page).", *_PAGE)
 def get_all_disks(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     page = _page(a)
     return ctx.inventory.all_disks_json() if page is None else ctx.inventory.disks_page(*page)
+
+
+@command("get_vm", "One VM's record.", _VM_ID)
+def get_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.get(a["vm_id"]).json()
+
+
+@command("stats", "Counts of VMs (all, connected, authorized) and disks; totals of ram, cpu, disk size.")
+def stats(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.stats_json()
+
+
+@command("remove_vm", "Unregister a VM and its disks (its password if it has one); refused while connected.",
+         _VM_ID, _PASSWORD)
+def remove_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    vm = ctx.inventory.get(a["vm_id"])
+    if vm.owner is not None:  # checked here too, so a connected VM costs no password check
+        raise CommandError(ErrorCode.CONFLICT, f"VM {vm.vm_id!r} is connected; disconnect it first")
+    return _remove(ctx, session, vm, a.get("password"))
+
+
+async def _remove(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
+    if vm.password_hash is not None:
+        await _check_password(ctx, session, vm, password, "remove_vm")
+    removed = await ctx.inventory.remove(vm.vm_id)
+    ctx.attempts.forget(vm.vm_id)
+    return removed.json()
 
 
 @command("health", 'Liveness check; the result is "OK".')

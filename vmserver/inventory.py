@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from . import store as sql
 from .errors import CommandError, ErrorCode
-from .protocol import utc_now
+from .protocol import dumps, utc_now
 from .store import Store
 from .validation import DiskSpec
 from .writer import DEFAULT_MAX_BATCH, GroupCommitter
@@ -239,6 +239,8 @@ class Inventory:
             return vm
         if vm.owner is not None:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is connected by another session")
+        if self.removing(vm_id):
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed")
         self._bind(vm, owner)
         now = utc_now()
 
@@ -342,6 +344,35 @@ class Inventory:
             [(d.id, size) for d, size in resize], [(s.disk_id, s.size) for s in add],
             on_commit=committed, on_fail=unreserve)
 
+    async def remove(self, vm_id: str) -> VM:
+        """Unregister a VM and its disks; refused while a session holds it.
+
+        Its name is claimed until the removal is committed, so it cannot be connected meanwhile.
+
+        :raises CommandError: not_found, conflict. :raises StoreError: nothing was removed.
+        """
+        vm = self.get(vm_id)
+        if vm.owner is not None:
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is connected; disconnect it first")
+        if vm_id in self._reserved_vm_ids:
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed by another session")
+        self._reserved_vm_ids.add(vm_id)
+
+        def committed(_: None) -> VM:
+            self._reserved_vm_ids.discard(vm_id)
+            del self._vms[vm_id]
+            for disk in vm.disks:
+                del self._disks[disk.disk_id]
+            self._changed()
+            return vm
+
+        return await self.writer.submit(f"remove {vm_id}", sql.delete_vm, vm.id, on_commit=committed,
+                                        on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
+
+    def removing(self, vm_id: str) -> bool:
+        """A known VM whose removal is waiting for its commit."""
+        return vm_id in self._vms and vm_id in self._reserved_vm_ids
+
     def disconnect(self, vm_id: str, owner: Owner) -> VM:
         vm = self.held_by(vm_id, owner)
         self._unbind(vm)
@@ -387,19 +418,35 @@ class Inventory:
     def all_disks_json(self) -> bytes:
         return self._cached("disks", lambda: _json_list(d.listing_json() for d in self._disks.values()))
 
-    def vms_page(self, after: int, limit: int, which: str = "all") -> bytes:
-        """Up to ``limit`` VMs with ids above ``after`` (of all, connected or authorized ones)."""
+    def vms_page(self, after: int = 0, limit: int | None = None, connected: bool | None = None,
+                 authorized: bool | None = None, prefix: str = "") -> bytes:
+        """VMs with ids above ``after`` that match the filters, at most ``limit`` of them."""
         order: list[VM] = self._cached("vm_order", lambda: list(self._vms.values()))
         ids: list[int] = self._cached("vm_ids", lambda: [vm.id for vm in order])
-        keep = {"all": lambda vm: True, "connected": lambda vm: vm.owner is not None,
-                "authorized": lambda vm: vm.authorized}[which]
         out: list[bytes] = []
         for vm in order[bisect.bisect_right(ids, after):]:
-            if keep(vm):
+            if ((connected is None or (vm.owner is not None) == connected)
+                    and (authorized is None or vm.authorized == authorized)
+                    and vm.vm_id.startswith(prefix)):
                 out.append(vm.json())
                 if len(out) == limit:
                     break
         return _json_list(out)
+
+    def stats_json(self) -> bytes:
+        """Counts and totals of the whole inventory, from one snapshot."""
+        def build() -> bytes:
+            vms = self._vms.values()
+            return dumps({
+                "vms": len(self._vms),
+                "connected": sum(vm.owner is not None for vm in vms),
+                "authorized": sum(vm.authorized for vm in vms),
+                "disks": len(self._disks),
+                "ram": sum(vm.ram for vm in vms),
+                "cpu": sum(vm.cpu for vm in vms),
+                "disk_size": sum(d.size for d in self._disks.values()),
+            })
+        return self._cached("stats", build)
 
     def disks_page(self, after: int, limit: int) -> bytes:
         """Up to ``limit`` disks with ids above ``after``."""

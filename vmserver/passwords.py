@@ -85,3 +85,8 @@ class AttemptLimiter:
         if failures >= self.allowed:
             self._locked_until[key] = now + min(2.0 ** (failures - self.allowed), self.MAX_LOCK)
         return failures
+
+    def forget(self, key: str) -> None:
+        """The VM is gone: a new one of the same name starts with a clean slate."""
+        self._failures.pop(key, None)
+        self._locked_until.pop(key, None)

@@ -81,6 +81,11 @@ def update_vm(db: sqlite3.Connection, vm_pk: int, ram: int, cpu: int, remove: Se
             for disk_id, size in add]
 
 
+def delete_vm(db: sqlite3.Connection, vm_pk: int) -> None:
+    """Remove a VM; its disks go with it (ON DELETE CASCADE)."""
+    db.execute("DELETE FROM vms WHERE id = ?", (vm_pk,))
+
+
 def set_last_connected(db: sqlite3.Connection, vm_pk: int, when: str) -> None:
     db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
 

@@ -23,6 +23,7 @@ PASSWORD_MAX = 1024
 PAGE_MAX = 100_000  # records per page
 
 _IDENT = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_IDENT_CHARS = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 
 
 class InvalidArgs(CommandError):
@@ -52,6 +53,18 @@ def ident(value: Any, path: str) -> str:
     if isinstance(value, str) and _IDENT.fullmatch(value):
         return value
     raise _bad(path, f"a string of 1 to {IDENT_MAX} characters from [A-Za-z0-9._:-]", value)
+
+
+def flag(value: Any, path: str) -> bool:
+    if type(value) is bool:
+        return value
+    raise _bad(path, "true or false", value)
+
+
+def prefix(value: Any, path: str) -> str:
+    if isinstance(value, str) and _IDENT_CHARS.fullmatch(value):
+        return value
+    raise _bad(path, f"a string of 0 to {IDENT_MAX} characters from [A-Za-z0-9._:-]", value)
 
 
 def _int_between(low: int, high: int) -> Callable[[Any, str], int]:
