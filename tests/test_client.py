@@ -28,7 +28,7 @@ HOST = "127.0.0.1"
 STEP = 5.0  # no single await in these tests may take longer than this
 COMMANDS = ["add_vm", "connect_vm", "authorize_vm", "deauthorize_vm", "update_vm", "disconnect_vm",
             "get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks", "get_vm", "stats",
-            "remove_vm", "health", "auth"]
+            "remove_vm", "get_history", "subscribe", "unsubscribe", "health", "auth"]
 GREETING = b'{"hello":{"server":"vmserver","version":"x","protocol":1,"commands":[]}}\n'
 REPO = Path(__file__).resolve().parent.parent
 

@@ -79,7 +79,8 @@ async def test_one_commit_per_write_setting(tmp_path):
         wires = [await Wire.open(srv.address[1]) for _ in range(10)]
         replies = await asyncio.gather(*(w.call("add_vm", **vm_args(f"o{i}")) for i, w in enumerate(wires)))
         assert all(r["ok"] for r in replies)
-        assert srv.inventory.writer.batches == srv.inventory.writer.writes == 10
+        writer = srv.inventory.writer
+        assert writer.writes >= 10 and writer.batches == writer.writes  # (the history pruner writes too)
         for w in wires:
             await w.close()
     finally:

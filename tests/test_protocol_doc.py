@@ -20,14 +20,16 @@ from vmserver.errors import ErrorCode
 from conftest import Wire
 
 DOC = Path(__file__).resolve().parent.parent / "protocol.md"
-REPLY_PREFIX = "# <- "
+REPLY_PREFIX = "# <- "  # the reply to the request line above it (or the greeting, first in a session)
+EVENT_PREFIX = "# <~ "  # a line that arrives on its own (an event), without a request
 _TIMESTAMP = re.compile(r'"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"')
 _VERSION = re.compile(r'"version":"[^"]*"')
+_PEER = re.compile(r'"peer":"127\.0\.0\.1:\d+"')
 
 
 @dataclass
 class Step:
-    request: str | None  # None: the greeting expected when the session opens
+    request: str | None  # None: a line that arrives unasked (the greeting, or an event)
     expected: str
 
 
@@ -72,6 +74,9 @@ def parse_blocks(text: str) -> list[Block]:
             if line.startswith(REPLY_PREFIX):
                 block.steps.append(Step(pending, line[len(REPLY_PREFIX):]))
                 pending, have_pending = None, False
+            elif line.startswith(EVENT_PREFIX):
+                assert not have_pending, f"protocol.md:{i}: request without a documented reply"
+                block.steps.append(Step(None, line[len(EVENT_PREFIX):]))
             elif line.strip() and not line.lstrip().startswith("#"):
                 assert not have_pending, f"protocol.md:{i}: request without a documented reply"
                 pending, have_pending = line, True
@@ -82,7 +87,8 @@ def parse_blocks(text: str) -> list[Block]:
 
 
 def normalize(line: str) -> str:
-    return _VERSION.sub('"version":"*"', _TIMESTAMP.sub('"<timestamp>"', line.strip()))
+    line = _TIMESTAMP.sub('"<timestamp>"', line.strip())
+    return _PEER.sub('"peer":"127.0.0.1:<port>"', _VERSION.sub('"version":"*"', line))
 
 
 def test_every_command_is_documented_and_nothing_else() -> None:
@@ -120,17 +126,20 @@ async def test_examples_replay_exactly(server) -> None:
     try:
         for block in parse_blocks(doc_text()):
             wire = sessions.get(block.session)
+            greeting_due = wire is None
             if wire is None:
                 wire = sessions[block.session] = await Wire.open(server.address[1])
             for step in block.steps:
                 where = f"protocol.md:{block.line} (session {block.session}): {step.request}"
-                if step.request is None:
+                if step.request is None and greeting_due:
                     reply = wire.greeting_line.decode()
+                elif step.request is None:
+                    reply = (await wire.recv_line()).decode()  # an event, arriving by itself
                 else:
                     await wire.send(step.request)
                     reply = (await wire.recv_line()).decode()
+                greeting_due = False
                 assert normalize(reply) == normalize(step.expected), where
     finally:
         for wire in sessions.values():
             await wire.close()
-

@@ -75,14 +75,35 @@ def test_new_file_is_created_and_migrated(path):
         assert s.load() == ([], [])
     finally:
         s.close()
-    assert SCHEMA_VERSION == 1
+    assert SCHEMA_VERSION == 2
     assert pragma(path, "user_version") == SCHEMA_VERSION
     con = sqlite3.connect(path)
     try:
         names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table','index')")}
     finally:
         con.close()
-    assert {"vms", "disks", "disks_by_vm"} <= names
+    assert {"vms", "disks", "disks_by_vm", "history", "history_by_vm", "history_by_ts"} <= names
+
+
+def test_version_1_file_is_migrated_and_keeps_its_data(path):
+    """A file written by a version-1 server (no history table) is brought up to date on open."""
+    con = sqlite3.connect(path, isolation_level=None)
+    for statement in sql.MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO vms (vm_id, ram, cpu, password_hash, last_connected, created_at) "
+                "VALUES ('old', 512, 1, NULL, NULL, ?)", (NOW,))
+    con.execute("INSERT INTO disks (disk_id, size, vm_id) VALUES ('old-d', 5, 1)")
+    con.close()
+    s = Store(path)
+    try:
+        vms, disks = s.load()
+        assert [(v.vm_id, v.ram) for v in vms] == [("old", 512)] and [d.disk_id for d in disks] == ["old-d"]
+        s.write("history", sql.append_history, [(NOW, "old", "vm_connected", "127.0.0.1:1", None)])
+        assert s.write("read", sql.read_history, "old", None, None, None, 10)[0][1:4] == (NOW, "old", "vm_connected")
+    finally:
+        s.close()
+    assert pragma(path, "user_version") == 2
 
 
 def test_blank_file_is_migrated_with_wal(path):
@@ -362,6 +383,11 @@ def assert_caches_fresh(inv: Inventory) -> None:
         assert [d.id for d in vm.disks] == sorted(d.id for d in vm.disks)
 
 
+async def settled(inventory: Inventory) -> None:
+    """Wait until the writer has committed everything queued (history rows are not awaited)."""
+    await inventory.writer.submit("barrier", lambda db: None)
+
+
 @pytest.fixture
 async def inventory(store):
     """An Inventory whose writer thread runs (on the test's loop); the store fixture closes the file."""
@@ -375,6 +401,7 @@ async def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
     owner = Session("s1")
     await inventory.add("vm-0", 64, 1, (DiskSpec("d0", 1),), None)
     vms_before, disks_before = inventory.all_vms_json(), inventory.all_disks_json()
+    await settled(inventory)
     with writer_lock(path):
         with pytest.raises(StoreError):
             await inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
@@ -404,6 +431,7 @@ async def test_inventory_update_failure_leaves_memory_unchanged(inventory, path)
     json_before = vm.json()
     disks_before = inventory.all_disks_json()
     disk_objects_before = list(vm.disks)
+    await settled(inventory)
     with writer_lock(path):
         with pytest.raises(StoreError):
             await inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
@@ -430,6 +458,7 @@ async def test_inventory_connect_failure_leaves_memory_unchanged(inventory, path
     owner = Session("s1")
     await inventory.add("vm-1", 1024, 2, (), None)
     vm = inventory.get("vm-1")
+    await settled(inventory)
     with writer_lock(path):
         with pytest.raises(StoreError):
             await inventory.connect("vm-1", owner)

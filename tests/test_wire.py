@@ -135,7 +135,7 @@ async def test_greeting_line_exact(server: Server) -> None:
         assert json.loads(greeting)["hello"]["commands"] == [
             "add_vm", "connect_vm", "authorize_vm", "deauthorize_vm", "update_vm", "disconnect_vm",
             "get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks", "get_vm", "stats",
-            "remove_vm", "health", "auth"]
+            "remove_vm", "get_history", "subscribe", "unsubscribe", "health", "auth"]
         # the greeting is sent once; the next line is the answer to our first request
         assert await rt(w, req("health", 1)) == ok("1", '"OK"')
     finally:

@@ -23,7 +23,7 @@ from .config import Config
 from .errors import CommandError, ErrorCode
 from .inventory import VM, Inventory, Owner
 from .passwords import AttemptLimiter, hash_password, verify_password
-from .protocol import Request, encode_error, encode_ok
+from .protocol import Request, dumps, encode_error, encode_ok
 from .store import StoreError
 from .validation import InvalidArgs, Param, Schema
 
@@ -103,6 +103,7 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     if ok:
         return
     log.warning("%s %s: wrong password from %s (%d in a row)", cmd, vm.vm_id, session.name, failures)
+    ctx.inventory.note("auth_failed", vm, session, cmd)
     raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm.vm_id!r}")
 
 
@@ -114,10 +115,10 @@ def add_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     _need_password(ctx, a)
     inv = ctx.inventory
     inv.check_can_add(a["vm_id"], a["disks"])  # fail fast, before hashing
-    return _add(ctx, a, None)
+    return _add(ctx, a, None, session)
 
 
-async def _add(ctx: Context, a: dict[str, Any], owner: Owner | None) -> bytes:
+async def _add(ctx: Context, a: dict[str, Any], owner: Owner | None, session: Owner) -> bytes:
     password_hash = None
     if "password" in a:
         password_hash = await asyncio.to_thread(hash_password, a["password"])
@@ -125,7 +126,7 @@ async def _add(ctx: Context, a: dict[str, Any], owner: Owner | None) -> bytes:
             # Registered by someone else while we hashed: it is a known VM now.
             result = _connect_known(ctx, owner, ctx.inventory.get(a["vm_id"]), a["password"])
             return result if type(result) is bytes else await result  # type: ignore[misc]
-    vm = await ctx.inventory.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash, owner)
+    vm = await ctx.inventory.add(a["vm_id"], a["ram"], a["cpu"], a["disks"], password_hash, owner, actor=session)
     return vm.json()
 
 
@@ -145,7 +146,7 @@ def connect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
                 name, f"{name}: missing (VM {vm_id!r} is not registered, so connect_vm needs ram, cpu "
                 "and disks to register it)")
     inv.check_can_add(vm_id, a["disks"], connecting=True)
-    return _add(ctx, a, session)
+    return _add(ctx, a, session, session)
 
 
 def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -> Result:
@@ -275,9 +276,51 @@ def remove_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 async def _remove(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
     if vm.password_hash is not None:
         await _check_password(ctx, session, vm, password, "remove_vm")
-    removed = await ctx.inventory.remove(vm.vm_id)
+    removed = await ctx.inventory.remove(vm.vm_id, actor=session)
     ctx.attempts.forget(vm.vm_id)
     return removed.json()
+
+
+_EVENT_NAMES = ("vm_added", "vm_updated", "vm_removed", "vm_connected", "vm_disconnected", "vm_authorized",
+                "vm_deauthorized", "auth_failed")
+
+
+def _event_name(value: Any, path: str) -> str:
+    if value in _EVENT_NAMES:
+        return value
+    raise InvalidArgs(path.split("[", 1)[0], f"{path}: must be one of {', '.join(_EVENT_NAMES)}, got {value!r}")
+
+
+def _event_names(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise InvalidArgs(path, f"{path}: must be a non-empty array of event names ({', '.join(_EVENT_NAMES)})")
+    return tuple(dict.fromkeys(_event_name(item, f"{path}[{i}]") for i, item in enumerate(value)))
+
+
+@command("get_history", "What happened to VMs, newest first: vm_id, event, since (ISO time), before (id), limit.",
+         Param("vm_id", v.ident, False, "only this VM"),
+         Param("event", _event_name, False, "only this kind of event"),
+         Param("since", v.timestamp, False, "only events at or after this ISO-8601 UTC time"),
+         Param("before", v.page_after, False, "only events with a smaller id (paging back)"),
+         Param("limit", v.history_limit, False, "at most this many (default 100)"))
+def get_history(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    return ctx.inventory.history(a.get("vm_id"), a.get("event"), a.get("since"), a.get("before"),
+                                 a.get("limit", 100))
+
+
+@command("subscribe", "Receive live events on this session (all, or only the given names and/or one VM).",
+         Param("events", _event_names, False, "the event names wanted (default: all)"),
+         Param("vm_id", v.ident, False, "only events of this VM"))
+def subscribe(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    names = a.get("events", _EVENT_NAMES)
+    session.subscribe(frozenset(names), a.get("vm_id"))
+    return dumps({"events": list(names), "vm_id": a.get("vm_id")})
+
+
+@command("unsubscribe", "Stop live events on this session (events not yet sent are dropped).")
+def unsubscribe(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
+    session.unsubscribe()
+    return _OK
 
 
 @command("health", 'Liveness check; the result is "OK".')

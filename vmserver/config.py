@@ -35,6 +35,7 @@ class Config:
     tls_key: str | None = None
     require_passwords: bool = False
     max_write_batch: int = 256  # writes committed together (one fsync); 1: a commit per write
+    history_days: float = 90.0  # history older than this is pruned; 0: kept forever
     busy_timeout_ms: int = 5000  # how long a write waits for another process's lock
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on shutdown
     auth_failures_allowed: int = 5  # per VM, before authorize_vm attempts are slowed down
@@ -60,13 +61,13 @@ def _positive(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _non_negative(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {value}")
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
     return value
 
 
@@ -97,9 +98,9 @@ _OPTIONS = [
     ("--db", "VMSERVER_DB", _text, "SQLite file (default %s; ':memory:' keeps nothing)"),
     ("--max-line", "VMSERVER_MAX_LINE", _positive, "longest request line accepted, in bytes (default %s)"),
     ("--log-level", "VMSERVER_LOG_LEVEL", _level, "DEBUG, INFO, WARNING or ERROR (default %s)"),
-    ("--idle-timeout", "VMSERVER_IDLE_TIMEOUT", _seconds,
+    ("--idle-timeout", "VMSERVER_IDLE_TIMEOUT", _non_negative,
      "close a session that sends nothing for this many seconds (default %s; 0: never)"),
-    ("--write-timeout", "VMSERVER_WRITE_TIMEOUT", _seconds,
+    ("--write-timeout", "VMSERVER_WRITE_TIMEOUT", _non_negative,
      "drop a session that leaves its replies unread this many seconds (default %s)"),
     ("--max-connections", "VMSERVER_MAX_CONNECTIONS", _positive,
      "sessions served at once; more are refused with one error line (default %s)"),
@@ -109,6 +110,8 @@ _OPTIONS = [
     ("--tls-key", "VMSERVER_TLS_KEY", _text, "PEM private key of --tls-cert"),
     ("--max-write-batch", "VMSERVER_MAX_WRITE_BATCH", _positive,
      "writes that may share one transaction and fsync (default %s; 1: a commit per write)"),
+    ("--history-days", "VMSERVER_HISTORY_DAYS", _non_negative,
+     "keep this many days of history (get_history) (default %s; 0: forever)"),
     ("--require-passwords", "VMSERVER_REQUIRE_PASSWORDS", None,
      "every VM must have a password (add_vm, connect_vm without one are refused)"),
 ]

@@ -14,7 +14,7 @@ import bisect
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from . import store as sql
@@ -34,6 +34,10 @@ class Owner(Protocol):
     vms: set[str]  # the VMs it has connected
     authenticated: bool  # presented the server's token (always True on a server without one)
     ended: bool  # its connection is gone: nothing may be bound to it any more
+
+    def subscribe(self, events: frozenset[str], vm_id: str | None) -> None: ...
+
+    def unsubscribe(self) -> None: ...
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9._:-]*")
@@ -109,6 +113,15 @@ class VM:
         return self._json
 
 
+def _log_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("history not recorded: %s", future.exception())
+
+
+def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None = None) -> sql.HistoryRow:
+    return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason)
+
+
 def _json_list(items: Iterable[bytes]) -> bytes:
     return b"[" + b",".join(items) + b"]"
 
@@ -122,6 +135,8 @@ class Inventory:
         self._reserved_vm_ids: set[str] = set()  # taken by a write not yet committed
         self._reserved_disk_ids: set[str] = set()
         self._lists: dict[str, Any] = {}  # cached list bytes and id orders; emptied by every change
+        # Called as listener(event, vm, reason) after each change is visible (live events).
+        self.listeners: list[Callable[[str, VM, str | None], None]] = []
         self._load()
 
     def start(self, loop: Any) -> None:
@@ -149,6 +164,27 @@ class Inventory:
         if vm is not None:
             vm.encode()
         self._lists.clear()
+
+    def _announce(self, event: str, vm: VM, reason: str | None = None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, vm, reason)
+            except Exception:  # a broken listener must not undo or block a change
+                log.exception("event listener failed on %s %s", event, vm.vm_id)
+
+    def _journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
+        """Record a change that has no write of its own (presence) in the history, and announce it.
+
+        Not awaited: the reply does not wait for the history row, and a failed row is logged.
+        """
+        row = _history_row(event, vm.vm_id, actor, reason)
+        future = self.writer.submit(f"history {event} {vm.vm_id}", sql.append_history, (row,))
+        future.add_done_callback(_log_failure)
+        self._announce(event, vm, reason)
+
+    def note(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
+        """Record an event that changes nothing (auth_failed) in the history, and announce it."""
+        self._journal(event, vm, actor, reason)
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -191,7 +227,7 @@ class Inventory:
         self._check_new_disks(disks)
 
     async def add(self, vm_id: str, ram: int, cpu: int, disks: Sequence[DiskSpec],
-                  password_hash: str | None, owner: Owner | None = None) -> VM:
+                  password_hash: str | None, owner: Owner | None = None, actor: Owner | None = None) -> VM:
         """Register a VM; with ``owner``, it is connected by that session in the same step.
 
         :raises CommandError: already_exists, conflict. :raises StoreError: nothing was stored.
@@ -217,14 +253,19 @@ class Inventory:
                 vm.disks.append(disk)
                 self._disks[disk.disk_id] = disk
             self._vms[vm_id] = vm
+            self._changed(vm)
+            self._announce("vm_added", vm)
             if owner is not None and not owner.ended:
                 self._bind(vm, owner)
-            self._changed(vm)
+                self._announce("vm_connected", vm)
             return vm
 
+        who = owner or actor
+        args = (vm_id, ram, cpu, password_hash, [(d.disk_id, d.size) for d in disks], now, last_connected)
         return await self.writer.submit(
-            f"add {vm_id}", sql.insert_vm, vm_id, ram, cpu, password_hash,
-            [(d.disk_id, d.size) for d in disks], now, last_connected, on_commit=committed, on_fail=unreserve)
+            f"add {vm_id}", sql.with_history, sql.insert_vm, args,
+            [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else []),
+            on_commit=committed, on_fail=unreserve)
 
     async def connect(self, vm_id: str, owner: Owner) -> VM:
         """Bind a known VM to ``owner`` (idempotent for the same owner) and record last_connected.
@@ -247,13 +288,16 @@ class Inventory:
         def committed(_: None) -> VM:
             vm.last_connected = now
             self._changed(vm)
+            if vm.owner is owner:
+                self._announce("vm_connected", vm)
             return vm
 
         def failed() -> None:
             if vm.owner is owner:
                 self._unbind(vm)
 
-        return await self.writer.submit(f"connect {vm_id}", sql.set_last_connected, vm.id, now,
+        return await self.writer.submit(f"connect {vm_id}", sql.with_history, sql.set_last_connected, (vm.id, now),
+                                        [_history_row("vm_connected", vm_id, owner)],
                                         on_commit=committed, on_fail=failed)
 
     def _bind(self, vm: VM, owner: Owner) -> None:
@@ -277,6 +321,7 @@ class Inventory:
         if not vm.authorized:
             vm.authorized = True
             self._changed(vm)
+            self._journal("vm_authorized", vm, owner)
         return vm
 
     def authorized_by(self, vm_id: str, owner: Owner) -> VM:
@@ -290,6 +335,7 @@ class Inventory:
         vm = self.authorized_by(vm_id, owner)
         vm.authorized = False
         self._changed(vm)
+        self._journal("vm_deauthorized", vm, owner)
         return vm
 
     async def update(self, vm_id: str, owner: Owner, ram: int | None, cpu: int | None,
@@ -337,14 +383,16 @@ class Inventory:
                 vm.disks.append(disk)
                 self._disks[disk.disk_id] = disk
             self._changed(vm)
+            self._announce("vm_updated", vm)
             return vm
 
+        args = (vm.id, new_ram, new_cpu, [d.id for d in remove], [(d.id, size) for d, size in resize],
+                [(s.disk_id, s.size) for s in add])
         return await self.writer.submit(
-            f"update {vm_id}", sql.update_vm, vm.id, new_ram, new_cpu, [d.id for d in remove],
-            [(d.id, size) for d, size in resize], [(s.disk_id, s.size) for s in add],
+            f"update {vm_id}", sql.with_history, sql.update_vm, args, [_history_row("vm_updated", vm_id, owner)],
             on_commit=committed, on_fail=unreserve)
 
-    async def remove(self, vm_id: str) -> VM:
+    async def remove(self, vm_id: str, actor: Owner | None = None) -> VM:
         """Unregister a VM and its disks; refused while a session holds it.
 
         Its name is claimed until the removal is committed, so it cannot be connected meanwhile.
@@ -364,9 +412,11 @@ class Inventory:
             for disk in vm.disks:
                 del self._disks[disk.disk_id]
             self._changed()
+            self._announce("vm_removed", vm)
             return vm
 
-        return await self.writer.submit(f"remove {vm_id}", sql.delete_vm, vm.id, on_commit=committed,
+        return await self.writer.submit(f"remove {vm_id}", sql.with_history, sql.delete_vm, (vm.id,),
+                                        [_history_row("vm_removed", vm_id, actor)], on_commit=committed,
                                         on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
 
     def removing(self, vm_id: str) -> bool:
@@ -376,6 +426,7 @@ class Inventory:
     def disconnect(self, vm_id: str, owner: Owner) -> VM:
         vm = self.held_by(vm_id, owner)
         self._unbind(vm)
+        self._journal("vm_disconnected", vm, owner, "request")
         return vm
 
     def _unbind(self, vm: VM) -> None:
@@ -385,8 +436,11 @@ class Inventory:
         vm.authorized = False
         self._changed(vm)
 
-    def release(self, owner: Owner) -> list[str]:
-        """A session ended: every VM it connected becomes disconnected and deauthorized."""
+    def release(self, owner: Owner, reason: str = "session_closed") -> list[str]:
+        """A session ended: every VM it connected becomes disconnected and deauthorized.
+
+        ``reason``: session_closed, timeout or shutdown (the vm_disconnected event's reason).
+        """
         owner.ended = True
         released = []
         for vm_id in list(owner.vms):
@@ -394,6 +448,7 @@ class Inventory:
             if vm is not None and vm.owner is owner:
                 self._unbind(vm)
                 released.append(vm_id)
+                self._journal("vm_disconnected", vm, owner, reason)
         owner.vms.clear()
         return released
 
@@ -454,6 +509,21 @@ class Inventory:
         ids: list[int] = self._cached("disk_ids", lambda: [d.id for d in order])
         start = bisect.bisect_right(ids, after)
         return _json_list(d.listing_json() for d in order[start:start + limit])
+
+    async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
+                      limit: int) -> bytes:
+        """History rows, newest first, as a JSON array (read through the writer: it owns the file)."""
+        rows = await self.writer.submit("read history", sql.read_history, vm_id, event, since, before, limit)
+        out = []
+        for id, ts, vm_id, event, peer, reason in rows:
+            entry: dict[str, Any] = {"id": id, "ts": ts, "vm_id": vm_id, "event": event, "peer": peer}
+            if reason is not None:  # as in the live event: why it disconnected, or which command failed
+                entry["command" if event == "auth_failed" else "reason"] = reason
+            out.append(entry)
+        return dumps(out)
+
+    async def prune_history(self, before: str) -> int:
+        return await self.writer.submit("prune history", sql.prune_history, before)
 
     def close(self) -> None:
         """Let the writer finish what is queued, then close the database."""

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 
@@ -22,9 +23,9 @@ from .config import Config
 from .errors import ErrorCode
 from .inventory import Inventory
 from .protocol import (
-    RequestError, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
+    RequestError, dumps, encode_error, encode_event, encode_greeting, looks_like_http, parse_line, utc_now,
 )
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,40 @@ _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}  # a de
 
 SHUTDOWN = "server shutdown"
 IDLE = "idle timeout"
+_DISCONNECT_REASONS = {SHUTDOWN: "shutdown", IDLE: "timeout"}  # vm_disconnected's reason; else session_closed
+EVENT_QUEUE_MAX = 1000  # events held for one subscriber before the oldest are dropped
+
+
+class Subscription:
+    """What a session asked to hear, and the events waiting to be written to it.
+
+    Bounded: a subscriber that does not read loses the oldest events, and is told how many.
+    """
+
+    __slots__ = ("events", "vm_id", "queue", "dropped", "wakeup")
+
+    def __init__(self, events: frozenset[str], vm_id: str | None) -> None:
+        self.events, self.vm_id = events, vm_id
+        self.queue: deque[bytes] = deque()
+        self.dropped = 0
+        self.wakeup = asyncio.Event()
+
+    def push(self, line: bytes) -> None:
+        if len(self.queue) >= EVENT_QUEUE_MAX:
+            self.queue.popleft()
+            self.dropped += 1
+        self.queue.append(line)
+        self.wakeup.set()
 
 
 class Session:
     """One client connection; ``vms`` are the VMs it has connected (bound to its lifetime)."""
 
-    __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended")
+    __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended",
+                 "subscription", "pump", "writing", "_server", "_writer")
 
-    def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True) -> None:
+    def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True,
+                 server: Server | None = None, writer: asyncio.StreamWriter | None = None) -> None:
         self.name = name
         self.vms: set[str] = set()
         self.task = task
@@ -53,6 +80,27 @@ class Session:
         self.stop_reason: str | None = None  # why the server cancelled it, if it did
         self.authenticated = authenticated
         self.ended = False  # set when its VMs are released: nothing may be bound to it after
+        self.subscription: Subscription | None = None
+        self.pump: asyncio.Task[None] | None = None  # writes this session's events
+        self.writing = False  # a large reply is going out in slices: no event may cut into it
+        self._server, self._writer = server, writer
+
+    def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
+        """Start (or change) this session's live events."""
+        assert self._server is not None and self._writer is not None
+        self.subscription = Subscription(events, vm_id)
+        self._server.subscribers.add(self)
+        if self.pump is None:
+            self.pump = asyncio.get_running_loop().create_task(self._server._pump(self, self._writer))
+
+    def unsubscribe(self) -> None:
+        """Stop live events; those not yet written are dropped."""
+        self.subscription = None
+        if self._server is not None:
+            self._server.subscribers.discard(self)
+        if self.pump is not None:
+            self.pump.cancel()
+            self.pump = None
 
     def __repr__(self) -> str:
         return f"<Session {self.name}>"
@@ -92,6 +140,9 @@ class Server:
         self.inventory = inventory
         self.context = Context(inventory, config)
         self.sessions: set[Session] = set()
+        self.subscribers: set[Session] = set()
+        inventory.listeners.append(self._publish)
+        self._pruner: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -105,6 +156,8 @@ class Server:
             backlog=_BACKLOG, ssl=tls, ssl_handshake_timeout=10.0 if tls else None)
         if self.config.idle_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+        if self.config.history_days > 0:
+            self._pruner = asyncio.get_running_loop().create_task(self._prune_history())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -118,8 +171,9 @@ class Server:
         if self._closing:
             return
         self._closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._pruner):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
         tasks = [s.task for s in self.sessions if s.task is not None]
@@ -154,6 +208,59 @@ class Server:
                 if not session.busy and session.stop_reason is None and session.last_active < cutoff:
                     self._stop(session, IDLE)
 
+    async def _prune_history(self) -> None:
+        """Drop history older than --history-days: at start, then every hour."""
+        keep = self.config.history_days * 86400
+        while True:
+            cutoff = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - keep))
+            try:
+                pruned = await self.inventory.prune_history(cutoff)
+                if pruned:
+                    log.info("history: pruned %d events older than %s", pruned, cutoff)
+            except StoreError as exc:
+                log.error("history pruning failed: %s", exc)
+            await asyncio.sleep(3600)
+
+    # --- live events ------------------------------------------------------------------
+
+    def _publish(self, event: str, vm: Any, reason: str | None) -> None:
+        """An inventory change: queue its event line for every session subscribed to it."""
+        if not self.subscribers:
+            return
+        line = None
+        for session in self.subscribers:
+            sub = session.subscription
+            if sub is None or event not in sub.events or (sub.vm_id is not None and sub.vm_id != vm.vm_id):
+                continue
+            if line is None:
+                data = vm.json()
+                if reason is not None:  # the record plus why: {"...":...,"reason":"request"}
+                    key = b"command" if event == "auth_failed" else b"reason"
+                    data = data[:-1] + b',"' + key + b'":' + dumps(reason) + b"}"
+                line = (b'{"event":"' + event.encode() + b'","data":' + data + b',"ts":"'
+                        + utc_now().encode() + b'"}\n')
+            sub.push(line)
+
+    async def _pump(self, session: Session, writer: asyncio.StreamWriter) -> None:
+        """Write a session's events between its reply lines, never faster than it reads."""
+        try:
+            while session.subscription is not None:
+                sub = session.subscription
+                await sub.wakeup.wait()
+                sub.wakeup.clear()
+                while (sub.queue or sub.dropped) and not session.writing and session.subscription is sub:
+                    if writer.transport.is_closing():
+                        return
+                    if sub.dropped:
+                        writer.write(encode_event("overflow", {"dropped": sub.dropped}))
+                        sub.dropped = 0
+                    if sub.queue:
+                        writer.write(sub.queue.popleft())
+                    if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+                        await writer.drain()  # a slow reader: meanwhile its queue fills, then drops
+        except (ConnectionError, OSError):
+            pass
+
     # --- one session ------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -171,7 +278,8 @@ class Server:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             _tune_socket(sock)
-        session = Session(name, asyncio.current_task(), authenticated=self.config.token is None)
+        session = Session(name, asyncio.current_task(), authenticated=self.config.token is None,
+                          server=self, writer=writer)
         self.sessions.add(session)
         log.debug("session %s opened", name)
         reason = "closed by peer"
@@ -198,7 +306,13 @@ class Server:
                     if type(reply) is bytes:
                         writer.write(reply)
                     else:
-                        await self._write_pieces(writer, reply)  # type: ignore[arg-type]
+                        session.writing = True
+                        try:
+                            await self._write_pieces(writer, reply)  # type: ignore[arg-type]
+                        finally:
+                            session.writing = False
+                            if session.subscription is not None:
+                                session.subscription.wakeup.set()  # events held back meanwhile
                     if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
                         # Backpressure: read no more from a peer that does not read its replies.
                         await asyncio.wait_for(writer.drain(), self.config.write_timeout)
@@ -215,7 +329,8 @@ class Server:
             reason = f"connection error: {exc}"
         finally:
             session.busy = False
-            released = self.inventory.release(session)
+            session.unsubscribe()
+            released = self.inventory.release(session, _DISCONNECT_REASONS.get(reason, "session_closed"))
             self.sessions.discard(session)
             level = logging.INFO if reason not in ("closed by peer", SHUTDOWN) else logging.DEBUG
             log.log(level, "session %s ended (%s); released %s", name, reason, ", ".join(released) or "no VMs")

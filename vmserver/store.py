@@ -43,8 +43,25 @@ _SCHEMA_V1 = [
     "CREATE INDEX disks_by_vm ON disks(vm_id)",
 ]
 
+# Version 2: what happened to each VM, when, and from which peer (get_history). vm_id is the
+# name, not a reference: the history of a removed VM stays.
+_SCHEMA_V2 = [
+    """
+    CREATE TABLE history (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts      TEXT    NOT NULL,                                   -- ISO-8601 UTC
+        vm_id   TEXT    NOT NULL,
+        event   TEXT    NOT NULL,                                   -- vm_added, vm_connected, ...
+        peer    TEXT,                                               -- address of the session, if any
+        reason  TEXT                                                -- vm_disconnected: why
+    )
+    """,
+    "CREATE INDEX history_by_vm ON history(vm_id, id)",
+    "CREATE INDEX history_by_ts ON history(ts)",
+]
+
 # Ordered migrations: MIGRATIONS[i] brings a database from user_version i to i + 1.
-MIGRATIONS: list[list[str]] = [_SCHEMA_V1]
+MIGRATIONS: list[list[str]] = [_SCHEMA_V1, _SCHEMA_V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -88,6 +105,38 @@ def delete_vm(db: sqlite3.Connection, vm_pk: int) -> None:
 
 def set_last_connected(db: sqlite3.Connection, vm_pk: int, when: str) -> None:
     db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
+
+
+HistoryRow = tuple[str, str, str, "str | None", "str | None"]  # ts, vm_id, event, peer, reason
+
+
+def append_history(db: sqlite3.Connection, rows: Sequence[HistoryRow]) -> None:
+    db.executemany("INSERT INTO history (ts, vm_id, event, peer, reason) VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def with_history(db: sqlite3.Connection, fn: Callable[..., T], args: Sequence[Any], rows: Sequence[HistoryRow]) -> T:
+    """Run a write and record it in the history in the same transaction."""
+    result = fn(db, *args)
+    append_history(db, rows)
+    return result
+
+
+def prune_history(db: sqlite3.Connection, before: str) -> int:
+    return db.execute("DELETE FROM history WHERE ts < ?", (before,)).rowcount
+
+
+def read_history(db: sqlite3.Connection, vm_id: str | None, event: str | None, since: str | None,
+                 before: int | None, limit: int) -> list[tuple[Any, ...]]:
+    """Newest first: (id, ts, vm_id, event, peer, reason) rows matching every given filter."""
+    where, params = [], []
+    for clause, value in (("vm_id = ?", vm_id), ("event = ?", event), ("ts >= ?", since), ("id < ?", before)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    sql = "SELECT id, ts, vm_id, event, peer, reason FROM history"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
 
 
 @dataclass(slots=True)

@@ -55,6 +55,19 @@ def ident(value: Any, path: str) -> str:
     raise _bad(path, f"a string of 1 to {IDENT_MAX} characters from [A-Za-z0-9._:-]", value)
 
 
+_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d)(?:T(\d\d:\d\d)(?::(\d\d)(?:\.(\d{1,6}))?)?Z)?")
+
+
+def timestamp(value: Any, path: str) -> str:
+    """An ISO-8601 UTC time (2026-11-26T21:00:00Z; seconds, fraction, even the time optional),
+    returned in the server's own form (2026-11-26T21:00:00.000Z) so it compares as text."""
+    match = _TIMESTAMP.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise _bad(path, "an ISO-8601 UTC time like 2026-11-26T21:00:00Z", value)
+    day, hour_minute, second, fraction = match.groups()
+    return f"{day}T{hour_minute or '00:00'}:{second or '00'}.{(fraction or '').ljust(3, '0')[:3]}Z"
+
+
 def flag(value: Any, path: str) -> bool:
     if type(value) is bool:
         return value
@@ -78,6 +91,7 @@ def _int_between(low: int, high: int) -> Callable[[Any, str], int]:
 
 
 page_limit = _int_between(1, PAGE_MAX)
+history_limit = _int_between(1, 10_000)
 page_after = _int_between(0, 2**63 - 1)
 ram = _int_between(1, RAM_MAX)
 cpu = _int_between(1, CPU_MAX)
