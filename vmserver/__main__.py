@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, parse_config
+from .console import ServerConsole
 from .server import TLSConfigError, start_server
 from .store import StoreError
 
@@ -68,8 +69,17 @@ async def serve(config: Config) -> int:
                                     ("passwords required", config.require_passwords)) if on]
     log.info("vmserver %s listening on %s (db: %s%s)", __version__, _show(host, port), config.db,
              "".join(f"; {e}" for e in extras))
+    console = None
+    if config.console:
+        if sys.stdin.isatty():
+            console = ServerConsole(server.context, server.inventory)
+            console.start()
+        else:
+            log.warning("--console ignored: stdin is not a terminal")
     await stop.wait()
     log.info("shutting down: finishing commands in flight")
+    if console is not None:
+        console.stop()
     await server.close()
     server.inventory.close()
     log.info("stopped")

@@ -36,6 +36,7 @@ class Config:
     require_passwords: bool = False
     max_write_batch: int = 256  # writes committed together (one fsync); 1: a commit per write
     history_days: float = 90.0  # history older than this is pruned; 0: kept forever
+    console: bool = False  # also take commands from stdin, when it is a terminal
     busy_timeout_ms: int = 5000  # how long a write waits for another process's lock
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on shutdown
     auth_failures_allowed: int = 5  # per VM, before authorize_vm attempts are slowed down
@@ -136,6 +137,8 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_const", const=True, default=None, help=f"{shown} [{env}]")
         else:
             parser.add_argument(flag, type=check, default=None, help=f"{shown} [{env}]")
+    parser.add_argument("--console", action="store_true",
+                        help="also read commands from this terminal, answered like vmclient's console")
     parser.add_argument("--token-file", metavar="PATH", default=None,
                         help="read the token from this file (first line) [VMSERVER_TOKEN_FILE]")
     parser.add_argument("--version", action="version", version=f"vmserver {__version__} (protocol 1)")
@@ -178,4 +181,4 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] =
         parser.error("the token is empty: give a real one, or none at all")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
-    return Config(**values)
+    return Config(**values, console=ns.console)
