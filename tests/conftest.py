@@ -7,6 +7,7 @@ a real SQLite file in a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -117,14 +118,21 @@ def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "vms.db")
 
 
-@pytest.fixture
-async def server(db_path: str) -> AsyncIterator[Server]:
-    srv = await start_server(Config(host="127.0.0.1", port=0, db=db_path, busy_timeout_ms=200))
+@contextlib.asynccontextmanager
+async def running(db: str, **settings: Any) -> AsyncIterator[Server]:
+    """An in-process server on an ephemeral loopback port with these Config settings; stopped after."""
+    srv = await start_server(Config(**{"host": "127.0.0.1", "port": 0, "db": db, "busy_timeout_ms": 200, **settings}))
     try:
         yield srv
     finally:
         await srv.close()
         srv.inventory.close()
+
+
+@pytest.fixture
+async def server(db_path: str) -> AsyncIterator[Server]:
+    async with running(db_path) as srv:
+        yield srv
 
 
 @pytest.fixture

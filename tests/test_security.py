@@ -25,7 +25,7 @@ import vmclient
 import vmserver.commands
 import vmserver.config
 import vmserver.server
-from conftest import Wire, vm_args
+from conftest import Wire, running, vm_args
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 15.0
@@ -34,18 +34,6 @@ TOKEN = "tok-Zq8Xk3-s3cr3t-T0KEN"
 # Settings the surrounding environment must not leak into the subprocesses we start.
 CLEAN_ENV = {"VMSERVER_TOKEN": "", "VMSERVER_TOKEN_FILE": "", "VMSERVER_REQUIRE_PASSWORDS": "",
              "VMSERVER_TLS_CERT": "", "VMSERVER_TLS_KEY": ""}
-
-
-@contextlib.asynccontextmanager
-async def running(db: str, **settings) -> AsyncIterator[vmserver.server.Server]:
-    """An in-process server on an ephemeral loopback port with the given Config settings."""
-    srv = await vmserver.server.start_server(
-        vmserver.config.Config(host="127.0.0.1", port=0, db=db, busy_timeout_ms=200, **settings))
-    try:
-        yield srv
-    finally:
-        await srv.close()
-        srv.inventory.close()
 
 
 @contextlib.asynccontextmanager
