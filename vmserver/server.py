@@ -88,7 +88,9 @@ class Session:
     def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
         """Start (or change) this session's live events."""
         assert self._server is not None and self._writer is not None
-        self.subscription = Subscription(events, vm_id)
+        previous, self.subscription = self.subscription, Subscription(events, vm_id)
+        if previous is not None:
+            previous.wakeup.set()  # the pump is waiting on the old one: let it move on
         self._server.subscribers.add(self)
         if self.pump is None:
             self.pump = asyncio.get_running_loop().create_task(self._server._pump(self, self._writer))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -65,7 +66,12 @@ def timestamp(value: Any, path: str) -> str:
     if match is None:
         raise _bad(path, "an ISO-8601 UTC time like 2026-11-26T21:00:00Z", value)
     day, hour_minute, second, fraction = match.groups()
-    return f"{day}T{hour_minute or '00:00'}:{second or '00'}.{(fraction or '').ljust(3, '0')[:3]}Z"
+    text = f"{day}T{hour_minute or '00:00'}:{second or '00'}"
+    try:
+        datetime.strptime(text, "%Y-%m-%dT%H:%M:%S")  # a real date and time, not just the shape
+    except ValueError:
+        raise _bad(path, "an ISO-8601 UTC time like 2026-11-26T21:00:00Z", value) from None
+    return f"{text}.{(fraction or '').ljust(3, '0')[:3]}Z"
 
 
 def flag(value: Any, path: str) -> bool:
