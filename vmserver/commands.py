@@ -90,7 +90,7 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     """
     assert vm.password_hash is not None
     if password is None:
-        ctx.inventory.note("auth_failed", vm, session, cmd)
+        ctx.inventory.journal("auth_failed", vm, session, cmd)
         raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
     wait = ctx.attempts.begin(vm.vm_id, time.monotonic())
     if wait > 0:
@@ -104,7 +104,7 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     if ok:
         return
     log.warning("%s %s: wrong password from %s (%d in a row)", cmd, vm.vm_id, session.name, failures)
-    ctx.inventory.note("auth_failed", vm, session, cmd)
+    ctx.inventory.journal("auth_failed", vm, session, cmd)
     raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm.vm_id!r}")
 
 

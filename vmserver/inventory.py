@@ -172,8 +172,9 @@ class Inventory:
             except Exception:  # a broken listener must not undo or block a change
                 log.exception("event listener failed on %s %s", event, vm.vm_id)
 
-    def _journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
-        """Record a change that has no write of its own (presence) in the history, and announce it.
+    def journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
+        """Record in the history, and announce, what has no write of its own: presence changes,
+        and failed password checks.
 
         Not awaited: the reply does not wait for the history row, and a failed row is logged.
         """
@@ -181,10 +182,6 @@ class Inventory:
         future = self.writer.submit(f"history {event} {vm.vm_id}", sql.append_history, (row,))
         future.add_done_callback(_log_failure)
         self._announce(event, vm, reason)
-
-    def note(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
-        """Record an event that changes nothing (auth_failed) in the history, and announce it."""
-        self._journal(event, vm, actor, reason)
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -321,7 +318,7 @@ class Inventory:
         if not vm.authorized:
             vm.authorized = True
             self._changed(vm)
-            self._journal("vm_authorized", vm, owner)
+            self.journal("vm_authorized", vm, owner)
         return vm
 
     def authorized_by(self, vm_id: str, owner: Owner) -> VM:
@@ -335,7 +332,7 @@ class Inventory:
         vm = self.authorized_by(vm_id, owner)
         vm.authorized = False
         self._changed(vm)
-        self._journal("vm_deauthorized", vm, owner)
+        self.journal("vm_deauthorized", vm, owner)
         return vm
 
     async def update(self, vm_id: str, owner: Owner, ram: int | None, cpu: int | None,
@@ -426,7 +423,7 @@ class Inventory:
     def disconnect(self, vm_id: str, owner: Owner) -> VM:
         vm = self.held_by(vm_id, owner)
         self._unbind(vm)
-        self._journal("vm_disconnected", vm, owner, "request")
+        self.journal("vm_disconnected", vm, owner, "request")
         return vm
 
     def _unbind(self, vm: VM) -> None:
@@ -448,7 +445,7 @@ class Inventory:
             if vm is not None and vm.owner is owner:
                 self._unbind(vm)
                 released.append(vm_id)
-                self._journal("vm_disconnected", vm, owner, reason)
+                self.journal("vm_disconnected", vm, owner, reason)
         owner.vms.clear()
         return released
 
