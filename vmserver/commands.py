@@ -1,9 +1,10 @@
 """The command registry: one small handler per operation, its arguments, and the dispatcher.
 
 A handler gets validated arguments and returns the encoded ``result`` (bytes), or a
-coroutine when it has slow work to do first (password hashing runs in a thread so the
-event loop keeps serving everyone else). State changes happen in Inventory methods that
-never await, so each command is atomic.
+coroutine when it has slow work to do first: password hashing (in a thread, so the event loop
+keeps serving everyone else) or a durable write (committed by the writer thread before the
+reply). The Inventory checks and claims what a command needs without awaiting, so two
+commands can never both pass a check that only one of them may pass.
 """
 
 from __future__ import annotations
