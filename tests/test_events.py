@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import vmserver.store as sql
-from conftest import TIMEOUT, Wire, disk, vm_args
+from conftest import TIMEOUT, Wire, disk, running, vm_args
 from vmserver.config import Config
 from vmserver.server import EVENT_QUEUE_MAX, start_server
 from vmserver.store import Store
@@ -702,3 +702,18 @@ async def test_history_days_zero_keeps_everything(tmp_path):
         assert await history(a, since="2000-01-01") == rows
         assert await history(a, since="2001-01-01") == rows[:1]
         await a.close()
+
+
+async def test_a_listening_subscriber_is_not_idle(db_path):
+    """The idle timeout spares a session that is subscribed: listening for hours is its job."""
+    async with running(db_path, idle_timeout=0.3) as srv:
+        listener, idler = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
+        await listener.ok("subscribe", events=["vm_added"])
+        assert await idler.at_eof()  # the plain idle session is closed after ~0.3 s
+        await asyncio.sleep(0.5)
+        actor = await Wire.open(srv.address[1])
+        await actor.ok("add_vm", **vm_args("late"))
+        event = json.loads(await listener.recv_line())
+        assert event["event"] == "vm_added" and event["data"]["vm_id"] == "late"
+        for w in (listener, idler, actor):
+            await w.close()

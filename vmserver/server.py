@@ -207,7 +207,9 @@ class Server:
             await asyncio.sleep(period)
             cutoff = time.monotonic() - limit
             for session in list(self.sessions):
-                if not session.busy and session.stop_reason is None and session.last_active < cutoff:
+                # A subscriber may rightly listen for hours without a word; keepalive covers it.
+                if (not session.busy and session.stop_reason is None and session.subscription is None
+                        and session.last_active < cutoff):
                     self._stop(session, IDLE)
 
     async def _prune_history(self) -> None:
