@@ -8,7 +8,7 @@
 See :mod:`vmclient.errors` for the error hierarchy. This package does not import vmserver.
 """
 
-from .client import DEFAULT_PORT, VM, Client, Disk, DiskSpec, connect
+from .client import DEFAULT_PORT, EVENT_NAMES, VM, Client, Disk, DiskSpec, Event, connect
 from .errors import (
     AlreadyExists, AuthFailed, BadRequest, CallTimeout, ClientError, CommandError, Conflict, ConnectError,
     ConnectionLost, InternalError, InvalidArgs, NotAuthorized, NotConnected, NotFound, ProtocolViolation,
@@ -16,7 +16,7 @@ from .errors import (
 )
 
 __all__ = [
-    "DEFAULT_PORT", "Client", "connect", "VM", "Disk", "DiskSpec",
+    "DEFAULT_PORT", "EVENT_NAMES", "Client", "connect", "VM", "Disk", "DiskSpec", "Event",
     "ClientError", "ConnectError", "ConnectionLost", "CallTimeout", "ProtocolViolation", "CommandError",
     "BadRequest", "TooLarge", "UnknownCommand", "InvalidArgs", "NotFound", "AlreadyExists", "Conflict",
     "NotConnected", "NotAuthorized", "AuthFailed", "Unauthenticated", "Unavailable", "InternalError",

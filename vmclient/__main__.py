@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Console for vmserver. With a COMMAND, runs it and exits; with stdin not a terminal, "
         "runs one command per line; otherwise interactive. 'vmclient demo --help' for the fleet demo.",
         epilog="Commands use protocol.md's inline form: add_vm vm_id=vm-1 ram=2048 cpu=2 "
-        "disks='[{\"disk_id\":\"disk-1\",\"size\":500}]'. Exit status: 0 ok, 1 command error, 2 connection error.",
+        "disks='[{\"disk_id\":\"disk-1\",\"size\":500}]'. The console's own: 'watch [EVENT ...] [vm_id=ID]' prints live "
+        "events until Ctrl-C (exit 0; 2 if the connection ends), 'history [VM_ID] [event=NAME] [limit=N]' the history. "
+        "Exit status: 0 ok, 1 command error, 2 connection error.",
     )
     parser.add_argument("--host", default=os.environ.get("VMSERVER_HOST", "127.0.0.1"),
                         help="server address (default %(default)s) [VMSERVER_HOST]")

@@ -4,6 +4,10 @@ The server answers requests strictly in order, so pending calls wait in a FIFO; 
 must carry the id of the call at its head (a check that catches a confused stream). One
 reader task reads every line; when the connection ends, every pending call fails with
 :class:`ConnectionLost` instead of hanging.
+
+Event lines (protocol.md, "Events") are set aside by the same reader into a bounded buffer
+while the session is subscribed, and handed out by :meth:`Client.events`; calls go on working
+meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import os
 import re
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
 from typing import Any, TypedDict
 
 from .errors import (
@@ -28,6 +33,10 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 DEFAULT_PORT = 8888
 MAX_REPLY = 256 * 1024 * 1024  # a 100,000-VM list is tens of MB on one line
+EVENT_BUFFER = 10_000  # events held for the application before the oldest are dropped
+EVENT_NAMES = ("vm_added", "vm_updated", "vm_removed", "vm_connected", "vm_disconnected", "vm_authorized",
+               "vm_deauthorized", "auth_failed")
+"""The event names ``subscribe`` takes (protocol.md); ``overflow`` and ``shutdown`` come unasked."""
 _DEFAULT: Any = object()  # "use the client's default timeout"
 
 
@@ -54,6 +63,20 @@ class VM(TypedDict):
     last_connected: str | None
 
 
+class Event(TypedDict):
+    """One event line (protocol.md, "Events"): ``{"event": name, "data": {...}, "ts": ISO time}``."""
+
+    event: str
+    data: dict[str, Any]
+    ts: str
+
+
+def _utc_now() -> str:
+    """Now as the server writes times: ISO-8601 UTC with milliseconds and ``Z``."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
 _SECRET_INLINE = re.compile(r'(\b(?:password|token)\s*=\s*)("(?:[^"\\]|\\.)*"|\[[^\]]*\]?|\{[^}]*\}?|\S+)')
 _SECRET_JSON = re.compile(r'("(?:password|token)"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\s]+)')
 
@@ -72,10 +95,45 @@ def _masked(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Pending:
-    __slots__ = ("id", "future", "request")
+    __slots__ = ("id", "future", "request", "on_ok")
 
-    def __init__(self, id: Any, future: asyncio.Future[Any], request: dict[str, Any]) -> None:
+    def __init__(self, id: Any, future: asyncio.Future[Any], request: dict[str, Any],
+                 on_ok: Callable[[Any], None] | None = None) -> None:
         self.id, self.future, self.request = id, future, request
+        self.on_ok = on_ok  # run by the reader as the success reply is read, before any later line
+
+
+class EventStream:
+    """What :meth:`Client.events` returns: an async iterator over the client's event buffer.
+
+    It waits for the next event; it ends (``StopAsyncIteration``) once the connection is lost
+    or closed and every event received before that was handed out (so a ``shutdown`` event
+    comes out before the end), and at once if the client reconnected since the stream
+    started: events never survive a reconnect. The client's event buffer is one queue: two
+    streams iterating at the same time share its events, each event going to one of them.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._generation: int | None = None  # the connection this stream reads, fixed on first use
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        client = self._client
+        if self._generation is None:
+            self._generation = client._generation
+        while True:
+            if client._generation != self._generation:
+                raise StopAsyncIteration
+            event = client._next_event()
+            if event is not None:
+                return event
+            if client._lost is not None or client._writer is None or client._event_ready is None:
+                raise StopAsyncIteration
+            client._event_ready.clear()
+            await client._event_ready.wait()
 
 
 class Client:
@@ -88,11 +146,17 @@ class Client:
     :param tls: True to speak TLS (verifying the server against ``cafile``, or the system's
         CAs), or a ready ``ssl.SSLContext``.
     :param cafile: PEM file of the CA (or the self-signed certificate) to trust for TLS.
+    :param event_buffer: how many events :meth:`events` holds for the application before the
+        oldest are dropped (then it yields one ``overflow`` event saying how many).
+    :raises ValueError: for an ``event_buffer`` below 1.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, timeout: float | None = 30.0,
                  connect_timeout: float = 10.0, max_reply: int = MAX_REPLY, token: str | None = None,
-                 tls: bool | ssl.SSLContext = False, cafile: str | None = None) -> None:
+                 tls: bool | ssl.SSLContext = False, cafile: str | None = None,
+                 event_buffer: int = EVENT_BUFFER) -> None:
+        if not isinstance(event_buffer, int) or event_buffer < 1:
+            raise ValueError(f"event_buffer must be an integer of at least 1, got {event_buffer!r}")
         self.host, self.port = host, port
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -107,6 +171,13 @@ class Client:
         self._pending: deque[_Pending] = deque()
         self._ids = itertools.count(1)
         self._lost: ConnectionLost | None = None
+        # Events: buffered from the moment a subscribe reply is read until an unsubscribe reply.
+        self.event_buffer = event_buffer
+        self._events: deque[Event] = deque()
+        self._events_dropped = 0  # dropped from a full buffer since the last overflow was handed out
+        self._event_ready: asyncio.Event | None = None
+        self._subscription: dict[str, Any] | None = None
+        self._generation = 0  # one per connection: events and streams belong to one
 
     # --- connection -----------------------------------------------------------------
 
@@ -137,6 +208,13 @@ class Client:
             raise
         self.server_info = hello
         self._reader, self._writer, self._lost = reader, writer, None
+        self._generation += 1  # a new session: nothing subscribed, nothing buffered
+        self._events.clear()
+        self._events_dropped = 0
+        self._subscription = None
+        if self._event_ready is not None:
+            self._event_ready.set()  # streams of the old connection end
+        self._event_ready = asyncio.Event()
         self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
         if self._token is not None:
             try:
@@ -193,6 +271,7 @@ class Client:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._writer = self._reader = self._reader_task = None
+        self._wake_streams()
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -217,7 +296,8 @@ class Client:
         request_id = next(self._ids)
         # allow_nan=False: NaN is not JSON; better a ValueError here than a bad_request there.
         line = json.dumps({"cmd": cmd, "args": args, "id": request_id}, separators=(",", ":"), allow_nan=False) + "\n"
-        return await self._exchange(line.encode("utf-8"), request_id, _masked(cmd, args), timeout)
+        return await self._exchange(line.encode("utf-8"), request_id, _masked(cmd, args), timeout,
+                                    self._hook_for(cmd))
 
     async def call_line(self, line: str, *, timeout: float | None = _DEFAULT) -> Any:
         """Send one request line as typed (inline form, see protocol.md) and return its ``result``.
@@ -236,15 +316,24 @@ class Client:
             except (ValueError, AttributeError):
                 name = "?"
         shown = {"cmd": redact(name), "line": redact(text)}
-        return await self._exchange(text.encode("utf-8") + b"\n", request_id, shown, timeout)
+        return await self._exchange(text.encode("utf-8") + b"\n", request_id, shown, timeout, self._hook_for(name))
 
-    async def _exchange(self, data: bytes, request_id: Any, request: dict[str, Any], timeout: float | None) -> Any:
+    def _hook_for(self, cmd: str) -> Callable[[Any], None] | None:
+        """What the reader must do the moment a command succeeds (before it reads the next line)."""
+        if cmd == "subscribe":
+            return self._subscribed
+        if cmd == "unsubscribe":
+            return self._unsubscribed
+        return None
+
+    async def _exchange(self, data: bytes, request_id: Any, request: dict[str, Any], timeout: float | None,
+                        on_ok: Callable[[Any], None] | None = None) -> Any:
         if self._lost is not None:
             raise ConnectionLost(str(self._lost))
         if self._writer is None:
             raise ConnectionLost("not connected: call connect() first")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request_id, future, request))
+        self._pending.append(_Pending(request_id, future, request, on_ok))
         self._writer.write(data)  # appended and written with no await between: order is kept
         try:
             await self._writer.drain()
@@ -297,6 +386,8 @@ class Client:
         if reply_id != pending.id and not (reply_id is None and message.get("ok") is False):
             raise ProtocolViolation(f"reply id {reply_id!r} does not match the call's id {pending.id!r}")
         self._pending.popleft()
+        if pending.on_ok is not None and message.get("ok") is True:
+            pending.on_ok(message.get("result"))  # even when nobody waits: the server did it
         if pending.future.done():  # timed out or cancelled: nobody waits for this reply
             return
         if message.get("ok") is True:
@@ -309,6 +400,32 @@ class Client:
     def _on_event(self, message: dict[str, Any]) -> None:
         if message.get("event") == "shutdown":
             log.info("server %s:%s is shutting down", self.host, self.port)
+        elif self._subscription is None:
+            return  # not subscribed (or no longer): nobody asked for it
+        if len(self._events) >= self.event_buffer:
+            self._events.popleft()
+            self._events_dropped += 1
+        self._events.append(message)  # type: ignore[arg-type]
+        if self._event_ready is not None:
+            self._event_ready.set()
+
+    def _subscribed(self, result: Any) -> None:
+        self._subscription = result if isinstance(result, dict) else {"events": list(EVENT_NAMES), "vm_id": None}
+
+    def _unsubscribed(self, result: Any) -> None:
+        self._subscription = None
+        self._events.clear()  # documented: nothing of the old subscription after unsubscribe()
+        self._events_dropped = 0
+
+    def _next_event(self) -> Event | None:
+        if self._events_dropped:
+            dropped, self._events_dropped = self._events_dropped, 0
+            return {"event": "overflow", "data": {"dropped": dropped}, "ts": _utc_now()}
+        return self._events.popleft() if self._events else None
+
+    def _wake_streams(self) -> None:
+        if self._event_ready is not None:
+            self._event_ready.set()
 
     def _connection_lost(self, cause: BaseException | None) -> None:
         if self._lost is not None:
@@ -321,6 +438,7 @@ class Client:
         self._fail_all(lost)
         if self._writer is not None:
             self._writer.close()  # a confused stream cannot be trusted with more requests
+        self._wake_streams()  # they hand out what is buffered, then end
 
     def _fail_all(self, error: ConnectionLost) -> None:
         self._lost = error
@@ -408,6 +526,87 @@ class Client:
                      timeout: float | None = _DEFAULT) -> list[dict[str, Any]]:
         """The list, or one page of it: up to ``limit`` records with ids above ``after``."""
         return await self.call("get_all_disks", timeout=timeout, **_present(after=after, limit=limit))
+
+    async def get_history(self, vm_id: str | None = None, event: str | None = None, since: str | None = None,
+                          before: int | None = None, limit: int | None = None, *,
+                          timeout: float | None = _DEFAULT) -> list[dict[str, Any]]:
+        """What happened to VMs, newest first: ``{"id", "ts", "vm_id", "event", "peer"}`` entries
+        (plus ``reason`` or ``command``), filtered by VM, event name and time; page back with
+        ``before`` (the last ``id`` you got); ``limit`` 1-10000, the server's default 100.
+
+        :raises InvalidArgs: an unknown event name, a bad time or an out-of-range number.
+        :raises ConnectionLost: when the connection is or gets closed before the reply.
+        :raises CallTimeout: when no reply comes within ``timeout`` seconds.
+        """
+        args = _present(vm_id=vm_id, event=event, since=since, before=before, limit=limit)
+        return await self.call("get_history", timeout=timeout, **args)
+
+    # --- live events ---------------------------------------------------------------------
+
+    async def subscribe(self, events: Iterable[str] | str | None = None, vm_id: str | None = None, *,
+                        timeout: float | None = _DEFAULT) -> dict[str, Any]:
+        """Start (or change) this session's live events: all, or only the names in ``events``
+        (see :data:`EVENT_NAMES`), and/or only those of ``vm_id``. Returns the server's result,
+        ``{"events": [...], "vm_id": ...}``.
+
+        From the moment the reply is read, every event line is kept in the client's bounded
+        buffer for :meth:`events`, even before anyone iterates: subscribe first, then cause
+        events, then read them, and none is missed. Subscribing again replaces the choice and
+        keeps what is buffered.
+
+        :raises InvalidArgs: an unknown event name, an empty list or a bad vm_id.
+        :raises ConnectionLost: when the connection is or gets closed before the reply.
+        :raises CallTimeout: when no reply comes within ``timeout`` seconds (if the server did
+            subscribe, its events are buffered all the same).
+        """
+        if isinstance(events, str):
+            events = [events]
+        args = _present(events=None if events is None else list(events), vm_id=vm_id)
+        return await self.call("subscribe", timeout=timeout, **args)
+
+    async def unsubscribe(self, *, timeout: float | None = _DEFAULT) -> str:
+        """Stop live events. When the reply is read, the events still buffered are dropped:
+        once this returns, :meth:`events` yields nothing of the old subscription (a stream waiting
+        meanwhile may still get those that came before the reply). Open streams do not end: they
+        wait for the next subscription's events, or for the end of the connection.
+
+        :raises ConnectionLost: when the connection is or gets closed before the reply.
+        :raises CallTimeout: when no reply comes within ``timeout`` seconds.
+        """
+        return await self.call("unsubscribe", timeout=timeout)
+
+    @property
+    def subscription(self) -> dict[str, Any] | None:
+        """What this session is subscribed to (the last subscribe's result), or None."""
+        return self._subscription if self.connected else None
+
+    def events(self) -> EventStream:
+        """The events of this session, in the order the server sent them, as
+        ``{"event", "data", "ts"}`` dicts::
+
+            await c.subscribe(["vm_connected", "vm_disconnected"])
+            async for event in c.events():
+                print(event["event"], event["data"]["vm_id"])
+
+        Calls keep working on the same client while events flow. Events are buffered from the
+        moment a subscribe reply is read (see :meth:`subscribe`) up to ``event_buffer`` of
+        them; when the application reads slower than they come, the oldest are dropped and one
+        ``{"event": "overflow", "data": {"dropped": N}, ...}`` takes their place, as the server
+        does with its own queue (whose overflow events come through too). The server's final
+        ``shutdown`` event is always yielded, subscribed or not.
+
+        The iterator ends (``StopAsyncIteration``) when the connection is lost or closed, after
+        the events received before that. Events survive neither a reconnect (a new session
+        starts unsubscribed: subscribe again) nor :meth:`unsubscribe`.
+        """
+        return EventStream(self)
+
+    def poll_events(self) -> list[Event]:
+        """Every event buffered now, without waiting (the same buffer :meth:`events` reads)."""
+        out = []
+        while (event := self._next_event()) is not None:
+            out.append(event)
+        return out
 
     async def health(self, *, timeout: float | None = _DEFAULT) -> str:
         return await self.call("health", timeout=timeout)

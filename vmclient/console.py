@@ -3,6 +3,11 @@
 Commands are typed in protocol.md's inline form and sent as typed; the server parses them, so
 the console and netcat behave the same. One event loop (asyncio.Runner) lives for the whole
 console; Ctrl-C cancels the command in flight, not the console.
+
+Two commands are the console's own: ``watch`` (subscribe and print live events, one line each,
+until Ctrl-C) and ``history`` (get_history as a table). After a typed ``subscribe``, the
+interactive console prints that subscription's events above the prompt as they come, keeping
+the line being typed (GNU readline; elsewhere they are printed before the next prompt).
 """
 
 from __future__ import annotations
@@ -10,18 +15,36 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
+import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import render
-from .client import Client, redact
+from .client import EVENT_NAMES, Client, redact
 from .commands import COMMANDS
 from .errors import ClientError, CommandError, ConnectError, ConnectionLost
 
 EXIT_OK, EXIT_COMMAND_ERROR, EXIT_CONNECTION_ERROR = 0, 1, 2
 BUILTINS = ("help", "quit", "exit")
+CONSOLE_COMMANDS = {  # the console's own commands: name -> (usage, summary, details)
+    "watch": ("watch [EVENT ...] [vm_id=VM_ID]",
+              "Print live events as they happen, one line each, until Ctrl-C.",
+              ["EVENT: event names to watch (default: all): " + ", ".join(EVENT_NAMES),
+               "vm_id: only the events of this VM",
+               "Each line: time (UTC), event, vm_id, detail. With --json, each event's JSON.",
+               "Ctrl-C stops watching (and unsubscribes; an earlier subscribe is restored)."],
+              "watch vm_connected vm_disconnected"),
+    "history": ("history [VM_ID] [event=NAME] [since=TIME] [before=ID] [limit=N]",
+                "What happened to VMs (get_history), newest first, as a table.",
+                ["VM_ID: only this VM (also vm_id=...)",
+                 "event: only this event name; since: ISO-8601 UTC time; before: page back from this id",
+                 "limit: at most this many (1-10000, default 100)"],
+                "history vm-1 limit=20"),
+}
+HISTORY_KEYS = ("vm_id", "event", "since", "before", "limit")
 HISTORY_LENGTH = 1000
 
 
@@ -87,6 +110,57 @@ def parse_argv_command(words: list[str]) -> tuple[str, dict[str, Any]]:
     return name, args
 
 
+def parse_watch(words: list[str]) -> tuple[list[str] | None, str | None]:
+    """``watch``'s words: event names (also comma-separated) and ``vm_id=...``.
+
+    :raises ValueError: for any other ``key=value``, or vm_id given twice.
+    """
+    events: list[str] = []
+    vm_id = None
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep:
+            if key != "vm_id":
+                raise ValueError(f"watch takes event names and vm_id=VM_ID, not {word!r}")
+            if vm_id is not None:
+                raise ValueError("argument 'vm_id' given twice")
+            vm_id = value
+        else:
+            events.extend(name for name in word.split(",") if name)
+    return (list(dict.fromkeys(events)) or None), vm_id
+
+
+def parse_history(words: list[str]) -> dict[str, Any]:
+    """``history``'s words: an optional VM_ID, then ``key=value`` (vm_id, event, since, before, limit).
+
+    :raises ValueError: for an unknown key, a key given twice, or more than one VM_ID.
+    """
+    args: dict[str, Any] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep:
+            key, value = "vm_id", word
+        elif key not in HISTORY_KEYS:
+            raise ValueError(f"history takes [VM_ID] and {', '.join(k + '=' for k in HISTORY_KEYS)} not {word!r}")
+        if key in args:
+            raise ValueError(f"argument {key!r} given twice")
+        if key in ("before", "limit"):
+            try:  # the inline rule: JSON when it parses (so 20 is a number), text otherwise
+                args[key] = _strict.decode(value)
+            except (ValueError, RecursionError):
+                args[key] = value
+        else:
+            args[key] = value
+    return args
+
+
+def _split(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return text.split()
+
+
 class Console:
     """One console session: a connection that comes back on the next command after it drops."""
 
@@ -100,6 +174,8 @@ class Console:
         self.client: Client | None = None
         self.held: set[str] = set()  # VMs this console connected: a reconnect loses them
         self._sessions = 0
+        self.stop_note: str | None = None  # what a Ctrl-C just stopped (watch), for the caller to say
+        self._vm_width = render.VM_ID_WIDTH  # the widest vm_id printed in event lines so far
 
     @property
     def where(self) -> str:
@@ -158,7 +234,98 @@ class Console:
         if name in ("help", "?"):
             self.show(help_text(text.split()[1:], self.client.commands if self.client else None))
             return EXIT_OK
+        if name in CONSOLE_COMMANDS:
+            return await self.run_console_command(name, _split(text)[1:])
         return await self._run(name, lambda c: c.call_line(text))
+
+    async def run_console_command(self, name: str, words: list[str], *, restore: bool = True) -> int:
+        """``watch`` or ``history`` with its words (``restore``: see :meth:`watch`)."""
+        if name == "watch":
+            return await self.watch(words, restore=restore)
+        try:
+            args = parse_history(words)
+        except ValueError as exc:
+            self.note(f"error: {exc}")
+            return EXIT_COMMAND_ERROR
+        return await self._run("get_history", lambda c: c.get_history(**args))
+
+    # --- live events ---------------------------------------------------------------------
+
+    @property
+    def subscribed(self) -> bool:
+        """True while this console's session is subscribed (the user typed ``subscribe``)."""
+        return self.client is not None and self.client.subscription is not None
+
+    def event_text(self, event: dict[str, Any]) -> str:
+        """One event as printed: its JSON with --json, else an aligned line (render.event_line)."""
+        if self.as_json:
+            return render.as_json(event)
+        data = event.get("data")
+        vm_id = data.get("vm_id") if isinstance(data, dict) else None
+        if isinstance(vm_id, str):
+            self._vm_width = max(self._vm_width, min(len(vm_id), 64))
+        return render.event_line(event, self._vm_width)
+
+    def show_events(self) -> None:
+        """Print the events that came (for a typed ``subscribe``) since the last look."""
+        if self.client is not None:
+            for event in self.client.poll_events():
+                self.show(self.event_text(event))
+
+    async def watch(self, words: list[str], *, restore: bool = True) -> int:
+        """``watch [EVENT ...] [vm_id=...]``: subscribe and print each event until cancelled (Ctrl-C)
+        or the connection ends (status 2). When cancelled and ``restore``, it unsubscribes, or
+        puts back the subscription the session had before, and sets :attr:`stop_note`."""
+        try:
+            events, vm_id = parse_watch(words)
+        except ValueError as exc:
+            self.note(f"error: {exc}")
+            return EXIT_COMMAND_ERROR
+        try:
+            client = await self.ensure_connected()
+        except ConnectError as exc:
+            self.note(f"error: {exc}")
+            return EXIT_CONNECTION_ERROR
+        previous = client.subscription
+        try:
+            await client.subscribe(events, vm_id)
+        except CommandError as exc:
+            self.show_error(exc.code, exc.message)
+            return EXIT_COMMAND_ERROR
+        except ClientError as exc:
+            self.note(f"error: {exc}")
+            return EXIT_CONNECTION_ERROR
+        what = ", ".join(events) if events else "all events"
+        self.note(f"watching {what}{f' of {vm_id}' if vm_id else ''}; Ctrl-C to stop")
+        try:
+            async for event in client.events():
+                self.show(self.event_text(event))
+        except asyncio.CancelledError:
+            if restore:
+                self.stop_note = await self._end_watch(client, previous)
+            raise
+        except BrokenPipeError:  # ``vmclient watch | head``: the reader left; so do we, quietly
+            if self.out is sys.stdout:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            return EXIT_OK
+        await client.close()
+        self.client = None
+        self._say_lost()
+        return EXIT_CONNECTION_ERROR
+
+    async def _end_watch(self, client: Client, previous: dict[str, Any] | None) -> str:
+        if not client.connected:
+            return "stopped watching"
+        try:
+            if previous is not None:
+                await client.subscribe(previous.get("events"), previous.get("vm_id"), timeout=5.0)
+                return "stopped watching; the earlier subscription is back"
+            await client.unsubscribe(timeout=5.0)
+            return "stopped watching (unsubscribed)"
+        except ClientError as exc:
+            return f"stopped watching ({exc})"
 
     async def run_command(self, name: str, args: dict[str, Any]) -> int:
         """Run one command given as a name and arguments (one-shot mode)."""
@@ -207,6 +374,9 @@ class Console:
 
 def help_text(words: list[str], server_commands: list[str] | None) -> str:
     """``help`` lists the commands; ``help CMD`` shows one with its arguments and an example."""
+    if words and words[0] in CONSOLE_COMMANDS:
+        usage, summary, details, example = CONSOLE_COMMANDS[words[0]]
+        return "\n".join([usage, f"  {summary}", *(f"  {line}" for line in details), f"  example: {example}"])
     if words:
         info = COMMANDS.get(words[0])
         if info is None:
@@ -224,6 +394,9 @@ def help_text(words: list[str], server_commands: list[str] | None) -> str:
     for name in names:
         info = COMMANDS.get(name)
         lines.append(f"  {name:<{width}}{info.summary if info else ''}".rstrip())
+    lines.append("Console commands:")
+    for name, (usage, summary, _, _) in CONSOLE_COMMANDS.items():
+        lines.append(f"  {name:<{width}}{summary}")
     lines.append("Type: NAME key=value ... (values are JSON when they parse, text otherwise),")
     lines.append("      or NAME {json-object}. help NAME for one command; quit or Ctrl-D to leave.")
     return "\n".join(lines)
@@ -283,16 +456,174 @@ class _Completer:
             if first_word:
                 client = self.console.client
                 names = (client.commands if client is not None and client.commands else list(COMMANDS))
-                candidates = [*names, *BUILTINS]
+                candidates = [*names, *CONSOLE_COMMANDS, *BUILTINS]
                 self.matches = sorted(n + " " for n in candidates if n.startswith(text))
             elif words[0] in ("help", "?"):
-                self.matches = sorted(n + " " for n in COMMANDS if n.startswith(text))
+                self.matches = sorted(n + " " for n in [*COMMANDS, *CONSOLE_COMMANDS] if n.startswith(text))
+            elif words[0] == "watch":
+                given = set(words[1:])
+                options = [n + " " for n in EVENT_NAMES if n not in given]
+                if not any(w.startswith("vm_id=") for w in words[1:]):
+                    options.append("vm_id=")
+                self.matches = [o for o in options if o.startswith(text)]
+            elif words[0] == "history":
+                if text.startswith("event="):
+                    self.matches = [f"event={n} " for n in EVENT_NAMES if f"event={n}".startswith(text)]
+                else:
+                    given = {w.split("=", 1)[0] for w in words[1:] if "=" in w}
+                    self.matches = [f"{k}=" for k in HISTORY_KEYS if k.startswith(text) and k not in given]
             else:
                 info = COMMANDS.get(words[0])
                 given = {w.split("=", 1)[0] for w in words[1:] if "=" in w}
                 args = [a.name for a in info.args] if info else []
                 self.matches = [f"{a}=" for a in args if a.startswith(text) and a not in given]
         return self.matches[state] if state < len(self.matches) else None
+
+
+class _LivePrompt:
+    """Prints the events of a typed ``subscribe`` above the prompt while ``input()`` waits.
+
+    While the console sits in ``input()`` its event loop does not run. CPython's readline calls
+    ``PyOS_InputHook`` every 0.1 s while it waits for a key, in the main thread and between
+    keystrokes, so that is where this runs: it turns the event loop for a moment (the client's
+    reader takes in what the server sent), and prints any events on their own lines above the
+    prompt, the usual way for GNU readline: hide the prompt and line, print, then redraw both
+    with the cursor where it was (``rl_save_prompt``... ``rl_restore_prompt``, ``rl_redisplay``).
+    Printing waits while readline is in the middle of something (a search, a completion, a
+    multi-key command). Nothing touches readline from another thread.
+
+    Ctrl-C: with the hook in place, CPython runs the SIGINT handler inside the hook (right after
+    ``select()`` is interrupted), where a KeyboardInterrupt would be swallowed (and could hit the
+    event loop's insides). So while the hook is in, SIGINT only raises a flag, and the hook does
+    what the console does for a Ctrl-C at the prompt: prints ``^C`` and starts a fresh empty line.
+
+    Only with GNU readline and a free ``PyOS_InputHook``; :meth:`create` returns None otherwise,
+    and the console prints events before each prompt instead.
+    """
+
+    # RL_STATE_* (readline.h): readline is busy with more than plain line editing.
+    _BUSY = (0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x4000 | 0x100000 | 0x200000 | 0x800000
+             | 0x1000000 | 0x2000000)
+
+    def __init__(self, console: Console, loop: asyncio.AbstractEventLoop, ctypes: Any, lib: Any,
+                 hook_slot: Any) -> None:
+        self.console, self.loop, self.lib, self.hook_slot = console, loop, lib, hook_slot
+        self.point = ctypes.c_int.in_dll(lib, "rl_point")
+        self.end = ctypes.c_int.in_dll(lib, "rl_end")
+        self.line_buffer = ctypes.c_char_p.in_dll(lib, "rl_line_buffer")
+        self.state = ctypes.c_ulong.in_dll(lib, "rl_readline_state")
+        lib.rl_replace_line.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.rl_replace_line.restype = None
+        self.sigcleanup = getattr(lib, "rl_callback_sigcleanup", None)  # readline 7+
+        self.callback = ctypes.CFUNCTYPE(ctypes.c_int)(self._hook)  # kept: C holds a pointer to it
+        self.address = ctypes.cast(self.callback, ctypes.c_void_p).value
+        self.pending: list[str] = []  # event lines waiting for readline to be idle
+        self.interrupted = False
+        self.inside = False
+        self.broken = False
+        self.saved_handler: Any = None
+
+    @classmethod
+    def create(cls, readline: Any, console: Console, runner: asyncio.Runner) -> _LivePrompt | None:
+        if readline is None or "libedit" in (readline.__doc__ or ""):
+            return None
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(getattr(readline, "__file__", None))  # dlsym also searches libreadline
+            for name in ("rl_save_prompt", "rl_restore_prompt", "rl_replace_line", "rl_redisplay", "rl_on_new_line",
+                         "rl_free_line_state", "using_history"):
+                getattr(lib, name)
+            hook_slot = ctypes.c_void_p.in_dll(ctypes.pythonapi, "PyOS_InputHook")
+            if hook_slot.value:  # someone else's (tkinter): leave it alone
+                return None
+            return cls(console, runner.get_loop(), ctypes, lib, hook_slot)
+        except (ImportError, OSError, AttributeError, ValueError, TypeError):
+            return None
+
+    def start(self) -> None:
+        """Before ``input()``: the hook in, and SIGINT only noted (see the class docstring)."""
+        if self.broken:
+            return
+        self.interrupted = False
+        self.saved_handler = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self.hook_slot.value = self.address
+
+    def stop(self) -> None:
+        """After ``input()``: as it was (asyncio.Runner wants the default SIGINT handler back)."""
+        if self.saved_handler is None:
+            return
+        self.hook_slot.value = None
+        signal.signal(signal.SIGINT, self.saved_handler)
+        self.saved_handler = None
+        lines, self.pending = self.pending, []  # held back while readline was busy
+        for line in lines:
+            self.console.show(line)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+
+    def _hook(self) -> int:
+        if self.inside or self.broken:
+            return 0
+        self.inside = True
+        try:
+            if self.interrupted:
+                self.interrupted = False
+                self._new_line_after_ctrl_c()
+            self.loop.run_until_complete(self._turn())
+            client = self.console.client
+            if client is not None:
+                self.pending.extend(self.console.event_text(e) for e in client.poll_events())
+            if self.pending and not self.state.value & self._BUSY:
+                lines, self.pending = self.pending, []
+                self._print_above("\n".join(lines) + "\n")
+        except Exception as exc:  # never again, and say why once: the prompt must stay usable
+            self.broken = True
+            self.hook_slot.value = None
+            try:
+                self.console.note(f"\n(live events stopped: {exc!r}; they will show before each prompt)")
+            except Exception:
+                pass
+        finally:
+            self.inside = False
+        return 0
+
+    @staticmethod
+    async def _turn() -> None:
+        for _ in range(8):  # a few rounds: socket readable -> data in -> reader task -> event buffered
+            await asyncio.sleep(0)
+
+    def _print_above(self, text: str) -> None:
+        lib = self.lib
+        point, line = self.point.value, self.line_buffer.value or b""
+        lib.rl_save_prompt()
+        lib.rl_replace_line(b"", 0)
+        lib.rl_redisplay()  # prompt and line gone, cursor at the start of their (first) row
+        out = self.console.out
+        out.write(text)
+        out.flush()
+        lib.rl_restore_prompt()
+        lib.rl_replace_line(line, 0)
+        self.point.value = min(point, len(line))
+        lib.rl_redisplay()
+
+    def _new_line_after_ctrl_c(self) -> None:
+        """What input() raising KeyboardInterrupt and the loop printing ``^C`` would show."""
+        lib = self.lib
+        if self.sigcleanup is not None:
+            self.sigcleanup()  # leaves a search or multi-key command, as readline does on SIGINT
+        lib.rl_free_line_state()
+        self.point.value = self.end.value
+        lib.rl_redisplay()
+        self.console.out.write("^C\n")
+        self.console.out.flush()
+        lib.rl_replace_line(b"", 1)
+        self.point.value = 0
+        lib.using_history()  # leave any history browsing, as a new input() would
+        lib.rl_on_new_line()
+        lib.rl_redisplay()
 
 
 def interactive(console: Console, runner: asyncio.Runner, history_file: Path | None) -> int:
@@ -311,6 +642,7 @@ def interactive(console: Console, runner: asyncio.Runner, history_file: Path | N
             readline.parse_and_bind("tab: complete")
         if history_file is not None:
             history = _History(readline, history_file)
+    live = _LivePrompt.create(readline, console, runner) if console.out.isatty() else None
     try:
         runner.run(console.ensure_connected())
         info = console.client.server_info if console.client else {}
@@ -319,8 +651,16 @@ def interactive(console: Console, runner: asyncio.Runner, history_file: Path | N
     except ConnectError as exc:
         console.note(f"error: {exc}; will try again at the next command")
     while True:
+        console.show_events()  # those that came while the last command ran
+        hooked = live is not None and console.subscribed
         try:
-            line = input(console.prompt())
+            if hooked:
+                live.start()  # type: ignore[union-attr]
+            try:
+                line = input(console.prompt())
+            finally:
+                if hooked:
+                    live.stop()  # type: ignore[union-attr]
         except EOFError:
             print(file=console.out)
             break
@@ -334,22 +674,32 @@ def interactive(console: Console, runner: asyncio.Runner, history_file: Path | N
             history.add(line)
         if text in ("quit", "exit"):
             break
+        console.stop_note = None
         try:
             runner.run(console.run_line(text))
         except KeyboardInterrupt:
-            console.note("^C: stopped waiting (the server may still carry the command out)")
+            if console.stop_note:  # a watch: the terminal echoed ^C on the last event line's tail
+                console.note("\n" + console.stop_note)
+            else:
+                console.note("^C: stopped waiting (the server may still carry the command out)")
     runner.run(console.close())
     return EXIT_OK
 
 
 def script(console: Console, runner: asyncio.Runner, lines: Iterable[str]) -> int:
-    """Commands from a non-terminal stdin, one per line; the worst status wins."""
+    """Commands from a non-terminal stdin, one per line; the worst status wins. A Ctrl-C while a
+    ``watch`` runs ends the watch and the script."""
     status = EXIT_OK
     for line in lines:
         text = line.strip()
         if text in ("quit", "exit"):
             break
-        status = max(status, runner.run(console.run_line(text)))
+        try:
+            status = max(status, runner.run(console.run_line(text)))
+        except KeyboardInterrupt:
+            if text.split(None, 1)[0] != "watch":
+                raise
+            break
     runner.run(console.close())
     return status
 
@@ -358,12 +708,20 @@ def one_shot(console: Console, runner: asyncio.Runner, words: list[str]) -> int:
     if words[0] in ("help", "?"):
         console.show(help_text(words[1:], None))
         return EXIT_OK
+    if words[0] in CONSOLE_COMMANDS:
+        run: Callable[[], Any] = lambda: console.run_console_command(words[0], words[1:], restore=False)
+    else:
+        try:
+            name, args = parse_argv_command(words)
+        except ValueError as exc:
+            console.note(f"error: {exc}")
+            return EXIT_COMMAND_ERROR
+        run = lambda: console.run_command(name, args)  # noqa: E731
     try:
-        name, args = parse_argv_command(words)
-    except ValueError as exc:
-        console.note(f"error: {exc}")
-        return EXIT_COMMAND_ERROR
-    try:
-        return runner.run(console.run_command(name, args))
+        return runner.run(run())
+    except KeyboardInterrupt:
+        if words[0] != "watch":
+            raise
+        return EXIT_OK  # Ctrl-C (SIGINT) is how a one-shot watch is meant to end
     finally:
         runner.run(console.close())

@@ -1,10 +1,13 @@
-"""Human output of the console: VM and disk lists as aligned tables, a record as a short block."""
+"""Human output of the console: VM, disk and history lists as aligned tables, a record as a short
+block, live events as one aligned line each."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from typing import Any
+
+from .client import EVENT_NAMES
 
 _DISKS_WIDTH = 48  # a VM's disk column is cut here, with a count of what was left out
 
@@ -68,17 +71,76 @@ def vm_block(vm: dict[str, Any]) -> str:
     return "\n".join(f"{name + ':':<{width}} {value}" for name, value in fields)
 
 
+def _detail(event: str, data: dict[str, Any]) -> str:
+    """The few words that say what an event or history entry was about, beyond its name and VM."""
+    if "reason" in data:
+        return f"reason={data['reason']}"
+    if "command" in data:
+        return f"command={data['command']}"
+    if event in ("vm_added", "vm_updated") and "ram" in data:
+        return f"ram={data.get('ram')} cpu={data.get('cpu')} disks={_disks_cell(data.get('disks') or [])}"
+    if event == "overflow":
+        return f"dropped={data.get('dropped')} (events were lost)"
+    if event == "shutdown":
+        return "the server is stopping"
+    return ""
+
+
+def _time_of_day(ts: Any) -> str:
+    """``HH:MM:SS.mmm`` of an ISO-8601 time (UTC, as the server writes it); other text as is."""
+    text = str(ts)
+    if len(text) >= 23 and text[10] == "T" and text[13] == ":" and text[16] == ":" and text[19] == ".":
+        return text[11:23]
+    if len(text) >= 19 and text[10] == "T":
+        return text[11:19] + ".000"
+    return text
+
+
+EVENT_WIDTH = 15  # the longest event name: vm_deauthorized
+VM_ID_WIDTH = 16
+
+
+def event_line(event: dict[str, Any], vm_width: int = VM_ID_WIDTH) -> str:
+    """One live event as ``TIME  EVENT  VM_ID  DETAIL``, in columns of fixed width (a longer
+    vm_id pushes the detail right: pass the widest seen so far as ``vm_width`` to keep columns)."""
+    name = str(event.get("event"))
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    vm_id = data.get("vm_id")
+    cells = [_time_of_day(event.get("ts")), f"{name:<{EVENT_WIDTH}}", f"{'-' if vm_id is None else vm_id!s:<{vm_width}}",
+             _detail(name, data)]
+    return "  ".join(cells).rstrip()
+
+
+def history_table(entries: Sequence[dict[str, Any]]) -> str:
+    """get_history's entries: ID, TIME, VM_ID, EVENT, PEER, DETAIL (newest first, as given)."""
+    rows = [[str(e.get("id")), str(e.get("ts")), str(e.get("vm_id")), str(e.get("event")),
+             str(e.get("peer") or "-"), _detail(str(e.get("event")), e)] for e in entries]
+    body = table(["ID", "TIME", "VM_ID", "EVENT", "PEER", "DETAIL"], rows, [True, False, False, False, False, False])
+    return f"{body}\n({len(entries)} event{'s' if len(entries) != 1 else ''})"
+
+
+def _is_history(result: list[Any]) -> bool:
+    return all(isinstance(e, dict) and "event" in e and "ts" in e and "vm_id" in e for e in result)
+
+
 def human(cmd: str, result: Any) -> str:
     """The result of ``cmd`` as people read it; falls back to indented JSON for shapes it does not know."""
     if isinstance(result, str):
         return result
     if isinstance(result, list):
+        if cmd == "get_history" or (result and _is_history(result)):
+            return history_table(result) if result else "(no events)"
         if cmd == "get_all_disks" or (result and isinstance(result[0], dict) and "disk_id" in result[0]):
             return disk_table(result) if result else "(no disks)"
         if all(isinstance(v, dict) and "vm_id" in v for v in result):
             return vm_table(result) if result else "(no VMs)"
     if isinstance(result, dict) and "vm_id" in result and "disks" in result:
         return vm_block(result)
+    if cmd == "subscribe" and isinstance(result, dict) and isinstance(result.get("events"), list):
+        names = result["events"]
+        what = "all events" if set(names) >= set(EVENT_NAMES) else ", ".join(map(str, names))
+        vm_id = result.get("vm_id")
+        return f"subscribed to {what}{f' of {vm_id}' if vm_id is not None else ''} (unsubscribe to stop)"
     if cmd == "stats" and isinstance(result, dict):
         width = max(len(k) for k in result) + 1
         units = {"ram": " MiB", "disk_size": " GiB"}
