@@ -941,15 +941,18 @@ class SyncWire:
         sentinel = f"sentinel-{self.sent}"
         self.send(line + b"\n" + json.dumps({"cmd": "health", "id": sentinel}).encode() + b"\n")
         replies = []
-        for _ in range(5):
+        for _ in range(1000):
             raw = self.readline()
             assert raw.endswith(b"\n"), f"session closed after {line[:200]!r}: {raw[:200]!r}"
             reply = json.loads(raw)
+            if "event" in reply:  # the fuzz may have subscribed: events come between replies
+                assert set(reply) == {"event", "data", "ts"}, reply
+                continue
             if reply.get("id") == sentinel:
                 assert reply == {"id": sentinel, "ok": True, "result": "OK"}, reply
                 return replies
             replies.append(reply)
-        raise AssertionError(f"more than 4 replies to one line {line[:200]!r}: {replies}")
+        raise AssertionError(f"no end of the replies to one line {line[:200]!r}: {replies[:5]}")
 
     def close(self) -> None:
         try:
@@ -976,8 +979,12 @@ class FuzzTarget:
         if not self.fuzz.alive:
             self.fuzz.close()
             self.fuzz = SyncWire(self.srv.port)
-            time.sleep(0.1)  # let the server release the dead session's VMs
-            self.snapshot = self.check()
+            deadline = time.monotonic() + 5.0  # the server releases the dead session's VMs by itself
+            while time.monotonic() < deadline:
+                if [vm["vm_id"] for vm in self.guard.ok("get_connected_vms")] == ["guard-vm"]:
+                    break
+                time.sleep(0.02)
+        self.snapshot = self.check()  # also after an example that failed half way
 
     def check(self) -> tuple[list[dict], list[dict]]:
         """The inventory as seen by the guard: consistent, and the guard's VM still its own."""
