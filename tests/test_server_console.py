@@ -92,7 +92,8 @@ async def test_console_commands_act_like_a_session(terminal, tmp_path):
     t.type("connect_vm vm_id=con-1")
     assert re.search(r"^connected:\s+yes\s*$", t.read_until("vmserver> "), re.M)
     t.type("get_all_vms")
-    screen = t.read_until("(1 VM)")
+    screen = t.read_until("vmserver> ")  # the prompt comes after the whole answer
+    assert "(1 VM)" in screen
     assert re.search(r"^VM_ID\s+RAM_MIB\s+CPU\s+DISKS\s+CONNECTED\s+AUTHORIZED\s*$", screen, re.M)
     t.type("helth")
     assert "error unknown_command: unknown command 'helth'; did you mean 'health'?" in t.read_until("vmserver> ")
