@@ -664,3 +664,11 @@ def test_completion_and_help_know_watch_and_history(vmserver: Any, tmp_path: Pat
         assert "watch [EVENT ...] [vm_id=VM_ID]" in out, out
     finally:
         con.close()
+
+
+def test_client_knows_the_servers_event_names():
+    """The client restates the event names (it cannot import the server): they must agree."""
+    import vmclient
+    from vmserver.commands import _EVENT_NAMES
+
+    assert vmclient.EVENT_NAMES == _EVENT_NAMES
