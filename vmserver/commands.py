@@ -152,7 +152,6 @@ def connect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 
 
 def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -> Result:
-    inv = ctx.inventory
     if vm.owner is session:
         return vm.json()  # idempotent: this session already proved itself
     if vm.owner is not None:
@@ -161,7 +160,6 @@ def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -
         if ctx.require_passwords:
             raise CommandError(ErrorCode.AUTH_FAILED,
                                f"VM {vm.vm_id!r} has no password, but this server requires one for every VM")
-        return _connect(ctx, session, vm, None)
     return _connect(ctx, session, vm, password)
 
 
