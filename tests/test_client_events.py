@@ -8,16 +8,13 @@ real server subprocess, the interactive ones through a pty that is their control
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import re
 import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -29,13 +26,12 @@ import vmclient
 from vmclient import render
 from vmclient.client import EVENT_NAMES
 
+from console_pty import EXPECT_TIMEOUT, ROOT, RUN_TIMEOUT, PtyConsole, clean, client_env, spans
+
 pytestmark = pytest.mark.timeout(20)
 
 HOST = "127.0.0.1"
 STEP = 5.0  # no single await in these tests may take longer than this
-ROOT = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT = 15.0
-EXPECT_TIMEOUT = 8.0
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 EVENT_LINE = r"\d\d:\d\d:\d\d\.\d{3}  "  # how a watch line starts: the time of day, then two spaces
 
@@ -310,16 +306,6 @@ async def test_get_history(client: vmclient.Client, other: vmclient.Client) -> N
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def spans(line: str, cells: list[str]) -> list[tuple[int, int]]:
-    """Where each cell of a table line is, found left to right."""
-    out, pos = [], 0
-    for cell in cells:
-        start = line.index(cell, pos)
-        out.append((start, start + len(cell)))
-        pos = start + len(cell)
-    return out
-
-
 def test_event_lines_and_history_table() -> None:
     vm = {"id": 1, "vm_id": "vm-1", "ram": 2048, "cpu": 2, "disks": [{"id": 1, "disk_id": "disk-1", "size": 500,
                                                                        "vm_id": 1}]}
@@ -358,20 +344,6 @@ def test_event_lines_and_history_table() -> None:
 
 # --- the console ---------------------------------------------------------------------------------
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[=>]")
-
-
-def clean(raw: bytes) -> str:
-    """Terminal output as text: escape sequences and carriage returns removed."""
-    return _ANSI.sub("", raw.decode("utf-8", errors="replace")).replace("\r", "")
-
-
-def client_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMSERVER_")}
-    env.update(extra)
-    return env
-
-
 def vmclient_argv(port: int, *words: str) -> list[str]:
     return [sys.executable, "-m", "vmclient", "--host", HOST, "--port", str(port), "--no-history", *words]
 
@@ -395,73 +367,6 @@ def read_line(stream: Any, timeout: float = EXPECT_TIMEOUT) -> bytes:
             break
         line += byte
     return line
-
-
-def _controlling_tty() -> None:  # in the child: a new session whose terminal is the pty, so ^C is SIGINT
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-class PtyConsole:
-    """``python -m vmclient ...`` on a pseudo-terminal that is its controlling terminal."""
-
-    def __init__(self, port: int, tmp_path: Path, *words: str) -> None:
-        self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-        env = client_env(TERM="xterm", INPUTRC="/dev/null", HOME=str(tmp_path), COLUMNS="200", LINES="50")
-        try:
-            self.proc = subprocess.Popen(vmclient_argv(port, *words), stdin=slave, stdout=slave, stderr=slave,
-                                         cwd=ROOT, env=env, preexec_fn=_controlling_tty)
-        except BaseException:
-            os.close(self.master)
-            raise
-        finally:
-            os.close(slave)
-        self.raw = b""
-        self.pos = 0
-
-    def _read(self, timeout: float) -> bool:
-        if not select.select([self.master], [], [], timeout)[0]:
-            return True
-        try:
-            chunk = os.read(self.master, 65536)
-        except OSError:  # EIO: the child has gone
-            return False
-        self.raw += chunk
-        return bool(chunk)
-
-    def expect(self, wanted: str, timeout: float = EXPECT_TIMEOUT) -> str:
-        """Read until ``wanted`` appears after what was already consumed; returns the text up to it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = clean(self.raw)
-            found = text.find(wanted, self.pos)
-            if found >= 0:
-                chunk, self.pos = text[self.pos:found + len(wanted)], found + len(wanted)
-                return chunk
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._read(min(left, 0.1)) and self.proc.poll() is not None:
-                raise AssertionError(f"{wanted!r} did not appear; output after the last match:\n"
-                                     f"{text[self.pos:]}\n(exit status {self.proc.poll()})")
-
-    def send(self, data: str) -> None:
-        os.write(self.master, data.encode())
-
-    def command(self, line: str, prompt: str) -> str:
-        self.send(line + "\r")
-        return self.expect(prompt)
-
-    def wait(self, timeout: float = EXPECT_TIMEOUT) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self._read(0.05)
-        return self.proc.wait(timeout=0.5)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=RUN_TIMEOUT)
-        os.close(self.master)
 
 
 @pytest.fixture
@@ -513,7 +418,7 @@ def test_history_one_shot_prints_json_when_piped(vmserver: Any) -> None:
 def test_watch_interactive_then_ctrl_c_back_to_the_prompt(vmserver: Any, tmp_path: Path) -> None:
     port = vmserver.port
     prompt = f"{HOST}:{port}> "
-    con = PtyConsole(port, tmp_path)
+    con = PtyConsole(port, tmp_path, "--no-history", controlling_tty=True)
     try:
         con.expect(prompt)
         con.send("watch vm_added vm_disconnected\r")
@@ -548,7 +453,7 @@ def test_watch_interactive_then_ctrl_c_back_to_the_prompt(vmserver: Any, tmp_pat
 
 def test_watch_one_shot_on_a_terminal_until_ctrl_c(vmserver: Any, tmp_path: Path) -> None:
     port = vmserver.port
-    con = PtyConsole(port, tmp_path, "watch", "vm_id=w-2")
+    con = PtyConsole(port, tmp_path, "--no-history", "watch", "vm_id=w-2", controlling_tty=True)
     try:
         con.expect("watching all events of w-2; Ctrl-C to stop")
         act(port, *lifecycle("w-1"), *lifecycle("w-2"))
@@ -602,7 +507,7 @@ def test_watch_ends_with_the_shutdown_event_when_the_server_stops(vmserver: Any)
 def test_events_of_a_typed_subscribe_show_above_the_prompt(vmserver: Any, tmp_path: Path) -> None:
     port = vmserver.port
     prompt = f"{HOST}:{port}> "
-    con = PtyConsole(port, tmp_path)
+    con = PtyConsole(port, tmp_path, "--no-history", controlling_tty=True)
     try:
         con.expect(prompt)
         out = con.command("subscribe events=[\"vm_added\",\"vm_connected\"]", prompt)
@@ -639,7 +544,7 @@ def test_events_of_a_typed_subscribe_show_above_the_prompt(vmserver: Any, tmp_pa
 def test_completion_and_help_know_watch_and_history(vmserver: Any, tmp_path: Path) -> None:
     port = vmserver.port
     prompt = f"{HOST}:{port}> "
-    con = PtyConsole(port, tmp_path)
+    con = PtyConsole(port, tmp_path, "--no-history", controlling_tty=True)
     try:
         con.expect(prompt)
         con.send("hist")

@@ -6,19 +6,12 @@ against a real server subprocess on an ephemeral loopback port. Nothing of ours 
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import select
 import socket
 import stat
-import struct
 import subprocess
 import sys
-import termios
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,21 +20,14 @@ import vmserver.commands as server_commands
 from vmclient import render
 from vmclient.commands import COMMANDS
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT = 15.0  # no console subprocess may live longer than this
-EXPECT_TIMEOUT = 10.0  # no wait for console output may last longer than this
+from console_pty import ROOT, RUN_TIMEOUT, PtyConsole, clean, client_env, spans
+
 VM1_DISKS = '[{"disk_id":"disk-1","size":500}]'
 ADD_VM1 = ["add_vm", "vm_id=vm-1", "ram=2048", "cpu=2", f"disks={VM1_DISKS}"]
 HEADERS = ["VM_ID", "RAM_MIB", "CPU", "DISKS", "CONNECTED", "AUTHORIZED"]
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def client_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMSERVER_")}
-    env.update(extra)
-    return env
 
 
 def run_client(port: int, *words: str, input: str | None = None, options: tuple[str, ...] = (),
@@ -68,95 +54,6 @@ def assert_no_traceback(text: str) -> None:
 def port(spawn, tmp_path) -> int:
     """A vmserver subprocess on an ephemeral port, with an empty database."""
     return spawn("--port", "0", "--db", str(tmp_path / "console.db")).wait_listening()
-
-
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Za-z0-9]|\x1b[=>]")
-
-
-def clean(raw: bytes) -> str:
-    """Terminal output as text: escape sequences and carriage returns removed."""
-    return _ANSI.sub("", raw.decode("utf-8", errors="replace")).replace("\r", "")
-
-
-class PtyConsole:
-    """``python -m vmclient`` on a pseudo-terminal: stdin, stdout and stderr are all the slave."""
-
-    def __init__(self, port: int, tmp_path: Path, *args: str) -> None:
-        self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-        env = client_env(TERM="xterm", XDG_STATE_HOME=str(tmp_path / "state"), INPUTRC="/dev/null",
-                         HOME=str(tmp_path), COLUMNS="200", LINES="50")
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmclient", "--host", "127.0.0.1", "--port", str(port), *args],
-                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
-        except BaseException:
-            os.close(self.master)
-            raise
-        finally:
-            os.close(slave)
-        self.raw = b""
-        self.pos = 0  # how much of the cleaned output earlier expect() calls consumed
-        self.history = tmp_path / "state" / "vmclient" / "history"
-
-    def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.master], [], [], timeout)
-        if not ready:
-            return True
-        try:
-            chunk = os.read(self.master, 65536)
-        except OSError:  # EIO: the child has gone and the slave is closed
-            return False
-        self.raw += chunk
-        return bool(chunk)
-
-    def expect(self, wanted: str, timeout: float = EXPECT_TIMEOUT) -> str:
-        """Read until ``wanted`` appears after what was already consumed; returns the text up to it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = clean(self.raw)
-            found = text.find(wanted, self.pos)
-            if found >= 0:
-                chunk, self.pos = text[self.pos:found + len(wanted)], found + len(wanted)
-                return chunk
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._read(min(left, 0.1)) and self.proc.poll() is not None:
-                raise AssertionError(f"{wanted!r} did not appear; console output after the last match:\n"
-                                     f"{text[self.pos:]}\n(exit status {self.proc.poll()})")
-
-    def send(self, data: str) -> None:
-        os.write(self.master, data.encode())
-
-    def command(self, line: str, prompt: str) -> str:
-        """Type ``line`` + Enter and return everything printed up to the next ``prompt``."""
-        self.send(line + "\r")
-        return self.expect(prompt)
-
-    def wait(self, timeout: float = EXPECT_TIMEOUT) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self._read(0.05)  # keep draining, so the child never blocks on a full pty
-        status = self.proc.wait(timeout=0.5)
-        while time.monotonic() < deadline and select.select([self.master], [], [], 0.05)[0]:
-            if not self._read(0):  # what the child wrote before it exited
-                break
-        return status
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=RUN_TIMEOUT)
-        os.close(self.master)
-
-
-def spans(line: str, cells: list[str]) -> list[tuple[int, int]]:
-    """Where each cell of a table line is, found left to right."""
-    out, pos = [], 0
-    for cell in cells:
-        start = line.index(cell, pos)
-        out.append((start, start + len(cell)))
-        pos = start + len(cell)
-    return out
 
 
 def assert_aligned(lines: list[str], rows: list[list[str]], right: list[bool]) -> None:
