@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+import vmclient
 from vmserver.config import Config
 from vmserver.server import Server, start_server
 
@@ -133,6 +134,16 @@ async def running(db: str, **settings: Any) -> AsyncIterator[Server]:
 async def server(db_path: str) -> AsyncIterator[Server]:
     async with running(db_path) as srv:
         yield srv
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[vmclient.Client]:
+    """A vmclient.Client connected to the ``server`` fixture."""
+    c = await asyncio.wait_for(vmclient.connect("127.0.0.1", server.address[1]), TIMEOUT)
+    try:
+        yield c
+    finally:
+        await asyncio.wait_for(c.close(), TIMEOUT)
 
 
 @pytest.fixture

@@ -67,15 +67,6 @@ def no_secret(e: BaseException, secret: str) -> None:
 
 
 @pytest.fixture
-async def client(server: Any) -> AsyncIterator[vmclient.Client]:
-    c = await bounded(vmclient.connect(HOST, server.address[1]))
-    try:
-        yield c
-    finally:
-        await bounded(c.close())
-
-
-@pytest.fixture
 async def client2(server: Any) -> AsyncIterator[vmclient.Client]:
     c = await bounded(vmclient.connect(HOST, server.address[1]))
     try:

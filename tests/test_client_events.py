@@ -54,15 +54,6 @@ async def nothing_comes(stream: vmclient.client.EventStream, seconds: float = 0.
 
 
 @pytest.fixture
-async def client(server: Any) -> AsyncIterator[vmclient.Client]:
-    c = await bounded(vmclient.connect(HOST, server.address[1]))
-    try:
-        yield c
-    finally:
-        await bounded(c.close())
-
-
-@pytest.fixture
 async def other(server: Any) -> AsyncIterator[vmclient.Client]:
     """A second session: the one whose operations cause the events."""
     c = await bounded(vmclient.connect(HOST, server.address[1]))
