@@ -145,6 +145,7 @@ class Server:
         self.subscribers: set[Session] = set()
         inventory.listeners.append(self._publish)
         self._pruner: asyncio.Task[None] | None = None
+        self._refused, self._refused_logged = 0, -10.0  # connections refused over the cap, not yet logged
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -274,7 +275,12 @@ class Server:
             writer.transport.abort()
             return
         if len(self.sessions) >= self.config.max_connections:
-            log.warning("refused %s: already %d sessions (--max-connections)", name, len(self.sessions))
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= 10.0:  # a flood of refusals is one log line per 10 s
+                log.warning("refused %d connection(s), the last from %s: already %d sessions (--max-connections)",
+                            self._refused, name, len(self.sessions))
+                self._refused, self._refused_logged = 0, now
             writer.write(encode_error(None, ErrorCode.UNAVAILABLE,
                                       f"too many connections (limit {self.config.max_connections}); try again later"))
             await self._hang_up(writer, shutdown=False)
