@@ -299,5 +299,7 @@ def utc_now() -> str:
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
-def encode_event(name: str, data: dict[str, Any]) -> bytes:
-    return dumps({"event": name, "data": data, "ts": utc_now()}) + b"\n"
+def encode_event(name: str, data: dict[str, Any] | bytes) -> bytes:
+    """An event line; ``data`` is a dict, or its JSON already encoded (a cached VM record)."""
+    body = data if type(data) is bytes else dumps(data)
+    return b'{"event":' + dumps(name) + b',"data":' + body + b',"ts":"' + utc_now().encode() + b'"}\n'

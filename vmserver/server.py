@@ -23,7 +23,7 @@ from .config import Config
 from .errors import ErrorCode
 from .inventory import Inventory
 from .protocol import (
-    RequestError, dumps, encode_error, encode_event, encode_greeting, looks_like_http, parse_line, utc_now,
+    RequestError, dumps, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
 )
 from .store import Store, StoreError
 
@@ -242,8 +242,7 @@ class Server:
                 if reason is not None:  # the record plus why: {"...":...,"reason":"request"}
                     key = b"command" if event == "auth_failed" else b"reason"
                     data = data[:-1] + b',"' + key + b'":' + dumps(reason) + b"}"
-                line = (b'{"event":"' + event.encode() + b'","data":' + data + b',"ts":"'
-                        + utc_now().encode() + b'"}\n')
+                line = encode_event(event, data)
             sub.push(line)
 
     async def _pump(self, session: Session, writer: asyncio.StreamWriter) -> None:
@@ -323,9 +322,7 @@ class Server:
                             session.writing = False
                             if session.subscription is not None:
                                 session.subscription.wakeup.set()  # events held back meanwhile
-                    if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                        # Backpressure: read no more from a peer that does not read its replies.
-                        await asyncio.wait_for(writer.drain(), self.config.write_timeout)
+                    await self._backpressure(writer)
             if self._closing:
                 reason = SHUTDOWN
         except asyncio.CancelledError:
@@ -346,6 +343,12 @@ class Server:
             log.log(level, "session %s ended (%s); released %s", name, reason, ", ".join(released) or "no VMs")
             await self._hang_up(writer, shutdown=reason == SHUTDOWN, reader=None if reader.at_eof() else reader)
 
+    async def _backpressure(self, writer: asyncio.StreamWriter) -> None:
+        """Past the high-water mark, read no more from this session until its peer reads its
+        replies; after write_timeout, give up on it (asyncio.TimeoutError ends the session)."""
+        if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+            await asyncio.wait_for(writer.drain(), self.config.write_timeout)
+
     async def _write_pieces(self, writer: asyncio.StreamWriter, pieces: tuple[bytes, ...]) -> None:
         """Write a large reply a slice at a time, letting the peer read in between: the event loop
         never copies tens of MB in one go, so other sessions keep being answered meanwhile."""
@@ -353,8 +356,7 @@ class Server:
             view = memoryview(piece)
             for start in range(0, len(view), _SLICE):
                 writer.write(view[start:start + _SLICE])
-                if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                    await asyncio.wait_for(writer.drain(), self.config.write_timeout)
+                await self._backpressure(writer)
 
     async def _hang_up(self, writer: asyncio.StreamWriter, shutdown: bool,
                        reader: asyncio.StreamReader | None = None) -> None:
@@ -370,9 +372,7 @@ class Server:
                     await asyncio.wait_for(self._drain_input(reader), _LINGER)
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), timeout=2.0)
-        except (ConnectionError, OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
-            writer.transport.abort()
-        except asyncio.CancelledError:
+        except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):  # SSLError is an OSError
             writer.transport.abort()
 
     @staticmethod
