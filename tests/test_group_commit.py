@@ -12,6 +12,7 @@ import vmserver.store as sql
 from vmserver.config import Config
 from vmserver.server import start_server
 from vmserver.store import Store, StoreError
+from vmserver.writer import GroupCommitter
 
 from conftest import Wire, vm_args
 
@@ -36,6 +37,71 @@ def test_write_batch_fails_one_job_alone(tmp_path):
         assert sorted(d.disk_id for d in disks) == ["d-a", "d-b", "d-taken"]
     finally:
         store.close()
+
+
+def test_write_batch_runs_without_savepoints_until_a_job_fails(tmp_path):
+    """The common case costs no savepoints; a failure reruns the batch isolated, with the same outcome."""
+    store = Store(str(tmp_path / "s.db"))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        good = [(f"add {n}", sql.insert_vm, (n, 1, 1, None, [(f"d-{n}", 1)], NOW, None)) for n in ("a", "b", "c")]
+        outcomes = store.write_batch(good)
+        assert [error for _, error in outcomes] == [None] * 3
+        assert not [s for s in statements if "SAVEPOINT" in s]
+        assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
+        statements.clear()
+        clash = ("add clash", sql.insert_vm, ("e", 1, 1, None, [("d-a", 1)], NOW, None))  # UNIQUE disk_id
+        outcomes = store.write_batch([good[0][:2] + (("d", 1, 1, None, [("d-d", 1)], NOW, None),), clash])
+        assert [error is None for _, error in outcomes] == [True, False]
+        assert "ROLLBACK" in statements and any("SAVEPOINT" in s for s in statements)
+        vms, _ = store.load()
+        # Ids as if the failed attempt never happened: the rerun took the same ones.
+        assert [(v.id, v.vm_id) for v in vms] == [(1, "a"), (2, "b"), (3, "c"), (outcomes[0][0][0], "d")]
+        assert outcomes[0][0][0] == 4
+    finally:
+        store.close()
+
+
+def test_write_batch_a_job_with_a_bug_fails_alone(tmp_path):
+    """Not only SQLite errors: a job that raises anything fails by itself and the others commit."""
+    store = Store(str(tmp_path / "bug.db"))
+
+    def broken(db, vm_id):
+        sql.insert_vm(db, vm_id, 1, 1, None, [], NOW)
+        raise TypeError("a bug")
+
+    try:
+        outcomes = store.write_batch([
+            ("add a", sql.insert_vm, ("a", 1, 1, None, [], NOW, None)),
+            ("broken", broken, ("half",)),
+            ("add b", sql.insert_vm, ("b", 1, 1, None, [], NOW, None)),
+        ])
+        assert [error is None for _, error in outcomes] == [True, False, True]
+        assert "broken failed: a bug" in str(outcomes[1][1])
+        assert [v.vm_id for v in store.load()[0]] == ["a", "b"]  # nothing of the broken one
+        alone = store.write_batch([("broken", broken, ("alone",))])
+        assert alone[0][0] is None and isinstance(alone[0][1], StoreError)
+        assert [v.vm_id for v in store.load()[0]] == ["a", "b"]
+    finally:
+        store.close()
+
+
+async def test_writer_thread_survives_a_job_with_a_bug(tmp_path):
+    store = Store(str(tmp_path / "w.db"))
+    writer = GroupCommitter(store)
+    writer.start(asyncio.get_running_loop())
+    try:
+        with pytest.raises(StoreError, match="oops"):
+            await writer.submit("oops", lambda db: 1 / 0)
+        # The thread is still there, and still commits.
+        assert await writer.submit("add a", sql.insert_vm, "a", 1, 1, None, [], NOW) == (1, [])
+        assert writer.writes == 2
+    finally:
+        writer.close()
+        store.close()
+    with pytest.raises(StoreError, match="stopping"):
+        writer.submit("late", sql.insert_vm, "late", 1, 1, None, [], NOW)
 
 
 def test_write_batch_all_fail_when_the_transaction_cannot_start(tmp_path):

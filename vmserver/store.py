@@ -289,16 +289,35 @@ class Store:
             return fn(db, *args, **kwargs)
 
     def write_batch(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[Any, StoreError | None]]:
-        """Run writes in one transaction, each in a savepoint: a failing one is undone alone.
+        """Run writes in one transaction and one commit (one fsync); a failing one fails alone.
 
-        Returns (result, None) or (None, error) per job, once the transaction is committed (one
-        fsync for all). If the commit itself fails, every job fails.
+        The batch first runs straight through. Only if some write fails is it rolled back and
+        run again with a savepoint around each write, so that the failing one is undone alone;
+        writes rarely fail (the inventory checks them in memory first), so the common case pays
+        no savepoints. Returns (result, None) or (None, error) per job, once committed. If the
+        transaction cannot start or commit, every job fails.
         """
+        if len(jobs) > 1:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                return self._all_failed(jobs, "begin", exc)
+            try:
+                results = [fn(db, *args) for _, fn, args in jobs]
+            except Exception:  # find out which one, and keep the others: run them again isolated
+                self._abandon()
+            else:
+                return self._commit(jobs, [(result, None) for result in results])
+        return self._write_isolated(jobs)
+
+    def _write_isolated(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[Any, StoreError | None]]:
+        """One transaction, each job in its own savepoint (none needed for a single job)."""
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            return [(None, StoreError(f"database {self.path}: {what} failed: {exc}")) for what, _, _ in jobs]
+            return self._all_failed(jobs, "begin", exc)
         outcomes: list[tuple[Any, StoreError | None]] = []
         alone = len(jobs) == 1  # then the transaction itself isolates it: no savepoint needed
         for what, fn, args in jobs:
@@ -310,7 +329,9 @@ class Store:
                     result = fn(db, *args)
                     db.execute("RELEASE job")
                 outcomes.append((result, None))
-            except sqlite3.Error as exc:
+            except Exception as exc:  # sqlite3.Error, or a bug in the job: it fails, not the writer
+                if not isinstance(exc, sqlite3.Error):
+                    log.exception("database %s: %s", self.path, what)
                 error = StoreError(f"database {self.path}: {what} failed: {exc}")
                 if alone or not db.in_transaction:  # all of it is undone (e.g. disk full): all fail
                     self._abandon()
@@ -322,12 +343,20 @@ class Store:
                     self._abandon()
                     return [(None, error) for _ in jobs]
                 outcomes.append((None, error))
+        return self._commit(jobs, outcomes)
+
+    def _commit(self, jobs: Sequence[tuple[str, Any, Any]], outcomes: list[tuple[Any, StoreError | None]]) -> list[tuple[Any, StoreError | None]]:
         try:
-            db.execute("COMMIT")
+            self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._abandon()
-            return [(None, StoreError(f"database {self.path}: commit failed: {exc}")) for _ in jobs]
+            return self._all_failed(jobs, "commit", exc)
         return outcomes
+
+    def _all_failed(self, jobs: Sequence[tuple[str, Any, Any]], step: str, exc: Exception) -> list[tuple[Any, StoreError | None]]:
+        if step == "commit":
+            return [(None, StoreError(f"database {self.path}: commit failed: {exc}")) for _ in jobs]
+        return [(None, StoreError(f"database {self.path}: {what} failed: {exc}")) for what, _, _ in jobs]
 
     def _abandon(self) -> None:
         try:
