@@ -18,7 +18,16 @@ def cpu_seconds(pid: int) -> float:
     From /proc/<pid>/stat fields 14 (utime) and 15 (stime), in clock ticks (usually 10 ms: a
     measurement should last long enough for that not to matter).
     """
-    with open(f"/proc/{pid}/stat", "rb") as f:
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """The same for the process's first thread alone (for our server: the event loop)."""
+    return _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
+
+
+def _stat_cpu(path: str) -> float:
+    with open(path, "rb") as f:
         data = f.read()
     # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
     fields = data[data.rindex(b")") + 2:].split()

@@ -4,6 +4,7 @@
     python -m benchmarks.run --smoke             # tiny sizes, 1 run: checks the suite works (seconds)
     python -m benchmarks.run --only 1,2 --runs 7 # some figures (numbers or names), more runs
     python -m benchmarks.run --out /tmp/r.json   # where the JSON results go
+    python -m benchmarks.run --only 7 --fsync-delay-ms 5   # figure 7 with a slower simulated disk
 
 It starts every server itself as a subprocess on 127.0.0.1 (ours on a temporary SQLite file
 with its shipped durability settings, and the bare reference server of
@@ -17,6 +18,7 @@ of the runs. Figures (see BENCHMARKS.md for what each measures and what limits i
 4. ``agent_lifecycle``    1,000 agents: connect, authorize, update, deauthorize, disconnect
 5. ``large_inventory``    100,000 VMs: get_all_vms/get_all_disks time and memory, health p99 meanwhile
 6. ``idle_sessions``      10,000 idle sessions: memory per session; the server still answers
+7. ``slow_disk_writes``   figure 3 with each fsync made 1 ms slower (a simulated slower disk)
 
 Results are printed as a table and written as JSON (default ``benchmarks/results.json``; in
 smoke mode a temporary file unless ``--out`` is given). Exit status: 0 when every figure
@@ -38,6 +40,7 @@ import selectors
 import signal
 import sqlite3
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +74,8 @@ class Settings:
     concurrent_requests: int = 30000
     small_vms: int = 10
     write_agents: int = 50
-    write_rounds: int = 40  # each round: one add_vm and one update_vm per agent
+    write_rounds: int = 100  # each round: one add_vm and one update_vm per agent
+    fsync_delay_ms: float = 1.0  # figure 7: how much slower each fsync is made
     lifecycle_agents: int = 1000
     large_vms: int = 100000
     warm_calls: int = 5  # warm get_all_vms/get_all_disks calls per run, after the cold one
@@ -108,9 +112,10 @@ def pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(tid, {cpu})
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The subprocesses' environment: without VMSERVER_* settings (a token, a db...) from the caller's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMSERVER_")}
+    env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
@@ -125,10 +130,11 @@ class ServerStartError(Exception):
 class ServerProc:
     """A server subprocess: started, pinned, its port read from its log; stderr drained to a file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.startup_s = 0.0
@@ -144,7 +150,7 @@ class ServerProc:
     def start(self, timeout: float = 120.0) -> ServerProc:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, cwd=ROOT, env=_env())
+                                     stderr=subprocess.PIPE, cwd=ROOT, env=_env(self.env))
         pin(self.proc.pid, SERVER_CPU)
         self._thread = threading.Thread(target=self._drain, name=f"{self.name}-stderr", daemon=True)
         self._thread.start()
@@ -209,11 +215,12 @@ class Bench:
         self.tmp = tmp
         self.procs: list[ServerProc] = []
 
-    def ours(self, name: str, db: Path | None = None, extra: Sequence[str] = (), timeout: float = 120.0) -> ServerProc:
+    def ours(self, name: str, db: Path | None = None, extra: Sequence[str] = (), timeout: float = 120.0,
+             env: dict[str, str] | None = None) -> ServerProc:
         db = db or self.tmp / f"{name}.db"
         argv = [sys.executable, "-m", "vmserver", "--host", "127.0.0.1", "--port", "0", "--db", str(db),
                 "--log-level", "INFO", *extra]
-        return self._start(ServerProc(name, argv, self.tmp / f"{name}.log"), timeout)
+        return self._start(ServerProc(name, argv, self.tmp / f"{name}.log", env), timeout)
 
     def reference(self, name: str = "reference", vms: int = 10) -> ServerProc:
         argv = [sys.executable, "-m", "benchmarks.reference_server", "--host", "127.0.0.1", "--port", "0",
@@ -483,11 +490,42 @@ def fig_small_reads(b: Bench, fig: Figure) -> None:
                      f"reference answers get_all_vms with a constant list of {s.small_vms} VM records it json.dumps each time")
 
 
+_WRITER_LOG = re.compile(r"database writer: (\d+) writes in (\d+) transactions")
+
+
 def fig_durable_writes(b: Bench, fig: Figure) -> None:
+    _durable_writes(b, fig)
+
+
+def fig_slow_disk_writes(b: Bench, fig: Figure) -> None:
+    """Figure 3 again with every fsync made slower, as on a disk slower than this VM's."""
+    shim = build_slow_fsync(b.tmp)
+    if shim is None:
+        fig.not_available.append("slow_disk: no C compiler (cc) to build benchmarks/slow_fsync.c")
+        return
+    delay_us = int(b.s.fsync_delay_ms * 1000)
+    _durable_writes(b, fig, {"LD_PRELOAD": str(shim), "SLOW_FSYNC_US": str(delay_us)}, target=False)
+    fig.notes.append(f"simulated disk: every fsync and fdatasync of the server takes {b.s.fsync_delay_ms:g} ms "
+                     "longer (benchmarks/slow_fsync.c, loaded with LD_PRELOAD; the server is unchanged)")
+
+
+def build_slow_fsync(tmp: Path) -> Path | None:
+    """Compile the fsync-delaying shim; None when there is no C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = tmp / "slow_fsync.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "benchmarks" / "slow_fsync.c"), "-ldl"],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _durable_writes(b: Bench, fig: Figure, env: dict[str, str] | None = None, target: bool = True) -> None:
     s = b.s
-    servers: dict[str, ServerProc] = {"group": b.ours("ours")}
+    tag = "slow" if env else "fast"
+    servers: dict[str, ServerProc] = {"group": b.ours(f"ours-{tag}", env=env)}
     try:
-        servers["one_commit"] = b.ours("ours-batch1", extra=["--max-write-batch", "1"])
+        servers["one_commit"] = b.ours(f"ours-{tag}-batch1", extra=["--max-write-batch", "1"], env=env)
     except ServerStartError as exc:
         if exc.returncode == 2 and "unrecognized arguments" in exc.log:
             fig.not_available.append("one_commit_per_write: the server does not accept --max-write-batch yet "
@@ -508,15 +546,23 @@ def fig_durable_writes(b: Bench, fig: Figure) -> None:
                 loadgen.run_sessions(server.port, setup, opened=opened, timeout=s.timeout).require_all_ok(2 * agents)
                 scripts = [[step for j in range(rounds) for step in (
                     ("add_vm", vm_spec(f"{v}-{j}")), ("update_vm", {"vm_id": v, "ram": 1024 + j}))] for v in own]
+                loop0 = procstat.main_thread_cpu_seconds(server.pid)
                 m = measure(server, lambda: loadgen.run_sessions(server.port, scripts, opened=opened,
                                                                   timeout=s.timeout), writes)
+                loop_s = procstat.main_thread_cpu_seconds(server.pid) - loop0
             finally:
                 for sock, _ in opened:
                     sock.close()
             expected_vms[name] += agents * (rounds + 1)
-            entry[name] = {**m.per_request(writes), "writes": writes}
+            per = m.per_request(writes)
+            # Split by thread: the event loop (parse, check, reply) and the rest, i.e. the writer (SQL, commit).
+            per.update(writes=writes, loop_cpu_us_per_write=loop_s / writes * 1e6,
+                       writer_cpu_us_per_write=(m.cpu_s - loop_s) / writes * 1e6,
+                       cpu_busy=per["cpu_us_per_request"] * per["rate_per_s"] / 1e6)
+            entry[name] = per
         fig.runs.append(entry)
     # Durability check: what the server acknowledged is in the file once it has stopped.
+    per_commit: dict[str, float | None] = {}
     for name, server in servers.items():
         db = Path(server.argv[server.argv.index("--db") + 1])
         b.stop(server)
@@ -524,17 +570,30 @@ def fig_durable_writes(b: Bench, fig: Figure) -> None:
             stored = conn.execute("SELECT count(*) FROM vms").fetchone()[0]
         if stored != expected_vms[name]:
             raise LoadError(f"{name}: {stored} VMs in the database after the run, {expected_vms[name]} acknowledged")
+        found = _WRITER_LOG.findall(server.log_path.read_text(errors="replace"))
+        per_commit[name] = int(found[-1][0]) / max(1, int(found[-1][1])) if found else None
     g = med_of([r["group"] for r in fig.runs], "rate_per_s")
     one = med_of([r["one_commit"] for r in fig.runs], "rate_per_s") if "one_commit" in servers else None
+
+    def med2(key: str) -> tuple[float | None, float | None]:
+        return (med_of([r["group"] for r in fig.runs], key),
+                med_of([r["one_commit"] for r in fig.runs], key) if one else None)
+
     fig.metrics = {
         "group_commit_writes_per_s": g, "one_commit_per_write_writes_per_s": one, "ratio": ratio(g, one),
-        "group_commit_p99_ms": med_of([r["group"] for r in fig.runs], "p99_ms"),
-        "one_commit_p99_ms": med_of([r["one_commit"] for r in fig.runs], "p99_ms") if one else None,
-        "group_commit_cpu_us_per_write": med_of([r["group"] for r in fig.runs], "cpu_us_per_request"),
+        "group_commit_p99_ms": med2("p99_ms")[0], "one_commit_p99_ms": med2("p99_ms")[1],
+        "group_commit_cpu_us_per_write": med2("cpu_us_per_request")[0],
+        "one_commit_cpu_us_per_write": med2("cpu_us_per_request")[1],
+        "writes_per_commit": per_commit,
     }
-    fig.row("writes/s: default (group commit) vs --max-write-batch 1", g, one, "/s", ratio(g, one), (">=", 5.0))
-    fig.row("write p99 latency", fig.metrics["group_commit_p99_ms"], fig.metrics["one_commit_p99_ms"], "ms",
-            ratio(fig.metrics["group_commit_p99_ms"], fig.metrics["one_commit_p99_ms"]))
+    fig.row("writes/s: default (group commit) vs --max-write-batch 1", g, one, "/s", ratio(g, one),
+            (">=", 5.0) if target else None)
+    fig.row("write p99 latency", *med2("p99_ms"), "ms", ratio(*med2("p99_ms")))
+    fig.row("writes per commit (whole run, from the server log)", per_commit.get("group"), per_commit.get("one_commit"))
+    for key, label in (("cpu_us_per_request", "server CPU per write"), ("loop_cpu_us_per_write", "  event loop thread"),
+                       ("writer_cpu_us_per_write", "  writer thread")):
+        fig.row(label, *med2(key), "µs", ratio(*med2(key)))
+    fig.row("server CPU busy during the run (1 = its CPU is saturated)", *med2("cpu_busy"))
     fig.notes.append(f"{agents} agents, each with its own connection and its own authorized VM, send {rounds} x "
                      f"(add_vm of a new VM with two disks, update_vm of its VM): {writes} durable writes per run; "
                      "every acknowledged VM was found in the SQLite file after the server stopped")
@@ -860,6 +919,7 @@ FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (4, "agent_lifecycle", "agent lifecycle", fig_agent_lifecycle),
     (5, "large_inventory", "a large inventory", fig_large_inventory),
     (6, "idle_sessions", "idle sessions", fig_idle_sessions),
+    (7, "slow_disk_writes", "figure 3 on a simulated slower disk", fig_slow_disk_writes),
 ]
 
 
@@ -938,12 +998,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 5; 1 with --smoke)")
     parser.add_argument("--only", default=None, help="comma-separated figure numbers or names")
     parser.add_argument("--out", default=None, help=f"JSON results file (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument("--fsync-delay-ms", type=float, default=None,
+                        help=f"figure 7: how much longer each fsync takes (default {FULL.fsync_delay_ms:g})")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else FULL
     if args.runs is not None:
         if args.runs < 1:
             parser.error("--runs must be at least 1")
         settings = replace(settings, runs=args.runs)
+    if args.fsync_delay_ms is not None:
+        if not 0 <= args.fsync_delay_ms <= 1000:
+            parser.error("--fsync-delay-ms must be between 0 and 1000")
+        settings = replace(settings, fsync_delay_ms=args.fsync_delay_ms)
     chosen = select_figures(args.only)
     if args.out:
         out_path = Path(args.out)
@@ -991,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INTERFERENCE:
         info["server_cpu_taken_by_others"] = {"median": median(INTERFERENCE), "max": max(INTERFERENCE)}
         print(f"\ninterference: other processes used {median(INTERFERENCE):.0%} (median; worst {max(INTERFERENCE):.0%}) "
-              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4")
+              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4 and 7")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"\nresults written to {out_path}")

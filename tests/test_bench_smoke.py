@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -286,7 +287,7 @@ def test_percentile_and_histogram() -> None:
 
 
 FIGURE_NAMES = {"health_pipelined", "small_reads", "durable_writes", "agent_lifecycle", "large_inventory",
-                "idle_sessions"}
+                "idle_sessions", "slow_disk_writes"}
 
 
 def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
@@ -299,9 +300,12 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     figures = results["figures"]
     assert set(figures) == FIGURE_NAMES, log
-    assert sorted(f["figure"] for f in figures.values()) == [1, 2, 3, 4, 5, 6]
+    assert sorted(f["figure"] for f in figures.values()) == [1, 2, 3, 4, 5, 6, 7]
     for name, fig in figures.items():
         assert fig["available"] and fig["error"] is None, (name, fig["error"])
+        if name == "slow_disk_writes" and not (shutil.which("cc") or shutil.which("gcc")):
+            assert fig["not_available"] and "C compiler" in fig["not_available"][0]
+            continue
         assert fig["rows"] and fig["runs"], name
         if name == "durable_writes":
             assert all("max-write-batch" in na for na in fig["not_available"]), fig["not_available"]
@@ -310,6 +314,9 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     assert figures["health_pipelined"]["metrics"]["health_pipelined"]["ours_requests_per_s"] > 0
     assert figures["small_reads"]["metrics"]["get_all_vms"]["reference_requests_per_s"] > 0
     assert figures["durable_writes"]["metrics"]["group_commit_writes_per_s"] > 0
+    # Read back from each server's shutdown log line: one commit per write means exactly that.
+    assert figures["durable_writes"]["metrics"]["writes_per_commit"]["one_commit"] == 1.0
+    assert figures["durable_writes"]["metrics"]["writes_per_commit"]["group"] >= 1.0
     assert figures["large_inventory"]["metrics"]["big"]["get_all_vms_warm_s"] > 0
     assert figures["idle_sessions"]["metrics"]["ours_kb_per_session"] is not None
     assert "health pipelined" in proc.stdout.decode()  # the table was printed

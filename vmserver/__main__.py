@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -64,6 +65,9 @@ async def serve(config: Config) -> int:
     except OSError as exc:
         log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), config.db)
         return 1
+    # The loaded inventory lives as long as the server: keep the cyclic GC from walking it
+    # (a full collection over 100,000 VMs stalls the event loop for ~90 ms).
+    gc.freeze()
     host, port = server.address
     extras = [name for name, on in (("TLS", config.tls_cert), ("token required", config.token),
                                     ("passwords required", config.require_passwords)) if on]

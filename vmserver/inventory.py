@@ -123,7 +123,14 @@ def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None
 
 
 def _json_list(items: Iterable[bytes]) -> bytes:
-    return b"[" + b",".join(items) + b"]"
+    parts = list(items)
+    if not parts:
+        return b"[]"
+    # The brackets go onto the first and last items, so that a big list (27 MB for 100,000 VMs)
+    # is copied once, by the join, instead of three times.
+    parts[0] = b"[" + parts[0]
+    parts[-1] += b"]"
+    return b",".join(parts)
 
 
 class Inventory:
@@ -410,6 +417,7 @@ class Inventory:
                 del self._disks[disk.disk_id]
             self._changed()
             self._announce("vm_removed", vm)
+            vm.disks = []  # no VM <-> disk cycle left: freed at once, even if loaded before gc.freeze()
             return vm
 
         return await self.writer.submit(f"remove {vm_id}", sql.with_history, sql.delete_vm, (vm.id,),
@@ -526,3 +534,7 @@ class Inventory:
         """Let the writer finish what is queued, then close the database."""
         self.writer.close()
         self.store.close()
+        w = self.writer
+        if w.writes:  # how well group commit batched: writes per transaction (per fsync)
+            log.info("database writer: %d writes in %d transactions (%.1f per commit)", w.writes, w.batches,
+                     w.writes / max(1, w.batches))
