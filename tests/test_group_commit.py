@@ -10,6 +10,7 @@ import pytest
 
 import vmserver.store as sql
 from vmserver.config import Config
+from vmserver.listing import joined
 from vmserver.server import start_server
 from vmserver.store import Store, StoreError
 from vmserver.writer import GroupCommitter
@@ -215,7 +216,7 @@ async def test_large_replies_arrive_whole_while_others_are_served(tmp_path):
         assert len(line) > 600_000 and line.endswith(b"}\n")
         reply = __import__("json").loads(line)
         assert reply["id"] == "big" and [vm["vm_id"] for vm in reply["result"]] == [f"big-{i}" for i in range(3000)]
-        assert line == b'{"id":"big","ok":true,"result":' + srv.inventory.all_vms_json() + b"}\n"
+        assert line == b'{"id":"big","ok":true,"result":' + joined(srv.inventory.all_vms_json()) + b"}\n"
         disks = await big.recv()
         assert disks["id"] == "disks" and len(disks["result"]) == 6000
         assert await big.ok("health") == "OK"  # the session goes on after its large replies

@@ -41,7 +41,7 @@ class Context:
         self.attempts = AttemptLimiter(config.auth_failures_allowed)
 
 
-Result = Union[bytes, Awaitable[bytes]]
+Result = Union[bytes, tuple[bytes, ...], Awaitable[bytes]]  # a tuple: JSON in pieces (listing.Encoded)
 Handler = Callable[[Context, Owner, dict[str, Any]], Result]
 
 
@@ -368,9 +368,9 @@ def execute(ctx: Context, session: Owner, request: Request) -> Reply | Awaitable
         result = cmd.handler(ctx, session, cmd.schema.validate(cmd.name, request.args))
     except Exception as exc:
         return _error_reply(request, cmd, exc)
-    if type(result) is bytes:
-        return encode_ok(request.id, result)
-    return _finish(request, cmd, result)
+    if type(result) is bytes or type(result) is tuple:  # done at once (tuple: a large list, in pieces)
+        return encode_ok(request.id, result)  # type: ignore[arg-type]
+    return _finish(request, cmd, result)  # type: ignore[arg-type]
 
 
 async def _finish(request: Request, cmd: Command, pending: Awaitable[bytes]) -> Reply:

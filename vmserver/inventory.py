@@ -10,15 +10,16 @@ each check-and-claim is atomic with respect to every session.
 
 from __future__ import annotations
 
-import bisect
+import itertools
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import store as sql
 from .errors import CommandError, ErrorCode
+from .listing import Blocks, Encoded, json_list
 from .protocol import dumps, utc_now
 from .store import Store
 from .validation import DiskSpec
@@ -122,17 +123,6 @@ def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None
     return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason)
 
 
-def _json_list(items: Iterable[bytes]) -> bytes:
-    parts = list(items)
-    if not parts:
-        return b"[]"
-    # The brackets go onto the first and last items, so that a big list (27 MB for 100,000 VMs)
-    # is copied once, by the join, instead of three times.
-    parts[0] = b"[" + parts[0]
-    parts[-1] += b"]"
-    return b",".join(parts)
-
-
 class Inventory:
     def __init__(self, store: Store, max_write_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.store = store
@@ -141,7 +131,18 @@ class Inventory:
         self._disks: dict[str, Disk] = {}  # by disk_id, in id order
         self._reserved_vm_ids: set[str] = set()  # taken by a write not yet committed
         self._reserved_disk_ids: set[str] = set()
-        self._lists: dict[str, Any] = {}  # cached list bytes and id orders; emptied by every change
+        # The lists, kept current block by block (see listing.py).
+        self._vm_blocks: Blocks[VM] = Blocks()
+        self._all_vms = self._vm_blocks.view(lambda vms: b",".join([vm._json for vm in vms]))
+        self._connected = self._vm_blocks.view(
+            lambda vms: b",".join([vm._json for vm in vms if vm.owner is not None]))
+        self._authorized = self._vm_blocks.view(lambda vms: b",".join([vm._json for vm in vms if vm.authorized]))
+        self._vm_totals = self._vm_blocks.view(lambda vms: (
+            len(vms), sum(vm.owner is not None for vm in vms), sum(vm.authorized for vm in vms),
+            sum(vm.ram for vm in vms), sum(vm.cpu for vm in vms)))
+        self._disk_blocks: Blocks[Disk] = Blocks()
+        self._all_disks = self._disk_blocks.view(lambda disks: b",".join([d.listing_json() for d in disks]))
+        self._disk_totals = self._disk_blocks.view(lambda disks: (len(disks), sum(d.size for d in disks)))
         # Called as listener(event, vm, reason) after each change is visible (live events).
         self.listeners: list[Callable[[str, VM, str | None], None]] = []
         self._load()
@@ -156,21 +157,24 @@ class Inventory:
         for row in vm_rows:
             vm = VM(row.id, row.vm_id, row.ram, row.cpu, row.password_hash, row.last_connected)
             self._vms[vm.vm_id] = by_pk[vm.id] = vm
+            self._vm_blocks.add(vm)
         for row in disk_rows:
             vm = by_pk[row.vm_pk]
             disk = Disk(row.id, row.disk_id, row.size, vm)
             vm.disks.append(disk)
             self._disks[disk.disk_id] = disk
+            self._disk_blocks.add(disk)
         for vm in self._vms.values():  # encode the whole fleet now, not in the first list request
             vm.encode()
+        self._all_vms.json_array()  # and the lists too
+        self._all_disks.json_array()
 
     def __len__(self) -> int:
         return len(self._vms)
 
-    def _changed(self, vm: VM | None = None) -> None:
-        if vm is not None:
-            vm.encode()
-        self._lists.clear()
+    def _changed(self, vm: VM) -> None:
+        vm.encode()
+        self._vm_blocks.touch(vm)
 
     def _announce(self, event: str, vm: VM, reason: str | None = None) -> None:
         for listener in self.listeners:
@@ -256,7 +260,9 @@ class Inventory:
                 disk = Disk(pk, spec.disk_id, spec.size, vm)
                 vm.disks.append(disk)
                 self._disks[disk.disk_id] = disk
+                self._disk_blocks.add(disk)
             self._vms[vm_id] = vm
+            self._vm_blocks.add(vm)
             self._changed(vm)
             self._announce("vm_added", vm)
             if owner is not None and not owner.ended:
@@ -376,9 +382,11 @@ class Inventory:
             vm.ram, vm.cpu = new_ram, new_cpu
             for disk in remove:
                 del self._disks[disk.disk_id]
+                self._disk_blocks.remove(disk)
             for disk, size in resize:
                 disk.size = size
                 disk.encode()
+                self._disk_blocks.touch(disk)
             if remove:
                 gone = {id(d) for d in remove}
                 vm.disks = [d for d in vm.disks if id(d) not in gone]
@@ -386,6 +394,7 @@ class Inventory:
                 disk = Disk(pk, spec.disk_id, spec.size, vm)
                 vm.disks.append(disk)
                 self._disks[disk.disk_id] = disk
+                self._disk_blocks.add(disk)
             self._changed(vm)
             self._announce("vm_updated", vm)
             return vm
@@ -413,9 +422,10 @@ class Inventory:
         def committed(_: None) -> VM:
             self._reserved_vm_ids.discard(vm_id)
             del self._vms[vm_id]
+            self._vm_blocks.remove(vm)
             for disk in vm.disks:
                 del self._disks[disk.disk_id]
-            self._changed()
+                self._disk_blocks.remove(disk)
             self._announce("vm_removed", vm)
             vm.disks = []  # no VM <-> disk cycle left: freed at once, even if loaded before gc.freeze()
             return vm
@@ -459,61 +469,41 @@ class Inventory:
 
     # --- lists (each built without yielding to the loop: one consistent snapshot) ------
 
-    def _cached(self, key: str, build: Any) -> Any:
-        value = self._lists.get(key)
-        if value is None:
-            value = self._lists[key] = build()
-        return value
+    def all_vms_json(self) -> Encoded:
+        return self._all_vms.json_array()
 
-    def all_vms_json(self) -> bytes:
-        return self._cached("vms", lambda: _json_list(vm.json() for vm in self._vms.values()))
+    def connected_vms_json(self) -> Encoded:
+        return self._connected.json_array()
 
-    def connected_vms_json(self) -> bytes:
-        return self._cached("connected", lambda: _json_list(
-            vm.json() for vm in self._vms.values() if vm.owner is not None))
+    def authorized_vms_json(self) -> Encoded:
+        return self._authorized.json_array()
 
-    def authorized_vms_json(self) -> bytes:
-        return self._cached("authorized", lambda: _json_list(vm.json() for vm in self._vms.values() if vm.authorized))
-
-    def all_disks_json(self) -> bytes:
-        return self._cached("disks", lambda: _json_list(d.listing_json() for d in self._disks.values()))
+    def all_disks_json(self) -> Encoded:
+        return self._all_disks.json_array()
 
     def vms_page(self, after: int = 0, limit: int | None = None, connected: bool | None = None,
                  authorized: bool | None = None, prefix: str = "") -> bytes:
         """VMs with ids above ``after`` that match the filters, at most ``limit`` of them."""
-        order: list[VM] = self._cached("vm_order", lambda: list(self._vms.values()))
-        ids: list[int] = self._cached("vm_ids", lambda: [vm.id for vm in order])
         out: list[bytes] = []
-        for vm in order[bisect.bisect_right(ids, after):]:
+        for vm in self._vm_blocks.after(after):
             if ((connected is None or (vm.owner is not None) == connected)
                     and (authorized is None or vm.authorized == authorized)
                     and vm.vm_id.startswith(prefix)):
                 out.append(vm.json())
                 if len(out) == limit:
                     break
-        return _json_list(out)
-
-    def stats_json(self) -> bytes:
-        """Counts and totals of the whole inventory, from one snapshot."""
-        def build() -> bytes:
-            vms = self._vms.values()
-            return dumps({
-                "vms": len(self._vms),
-                "connected": sum(vm.owner is not None for vm in vms),
-                "authorized": sum(vm.authorized for vm in vms),
-                "disks": len(self._disks),
-                "ram": sum(vm.ram for vm in vms),
-                "cpu": sum(vm.cpu for vm in vms),
-                "disk_size": sum(d.size for d in self._disks.values()),
-            })
-        return self._cached("stats", build)
+        return json_list(out)
 
     def disks_page(self, after: int, limit: int) -> bytes:
         """Up to ``limit`` disks with ids above ``after``."""
-        order: list[Disk] = self._cached("disk_order", lambda: list(self._disks.values()))
-        ids: list[int] = self._cached("disk_ids", lambda: [d.id for d in order])
-        start = bisect.bisect_right(ids, after)
-        return _json_list(d.listing_json() for d in order[start:start + limit])
+        return json_list(d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit))
+
+    def stats_json(self) -> bytes:
+        """Counts and totals of the whole inventory, from one snapshot (summed block by block)."""
+        vms, connected, authorized, ram, cpu = (sum(column) for column in zip(*self._vm_totals.each(), (0,) * 5))
+        disks, disk_size = (sum(column) for column in zip(*self._disk_totals.each(), (0, 0)))
+        return dumps({"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
+                      "ram": ram, "cpu": cpu, "disk_size": disk_size})
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:

@@ -255,13 +255,16 @@ def dumps(value: Any) -> bytes:
 LARGE_REPLY = 256 * 1024  # bytes of result past which a reply is kept in pieces
 
 
-def encode_ok(request_id: Any, result: bytes) -> bytes | tuple[bytes, bytes, bytes]:
+def encode_ok(request_id: Any, result: bytes | tuple[bytes, ...]) -> bytes | tuple[bytes, ...]:
     """A success line around an already-encoded result (encoded results are cached upstream).
 
-    A large result comes back as (head, result, tail), not copied into one new string: a list
-    of 100,000 VMs is tens of MB, and the server writes it out piece by piece.
+    A large result comes back as pieces (head, result..., tail), not copied into one new
+    string: a list of 100,000 VMs is tens of MB, and the server writes it out piece by piece.
+    A result that is already in pieces (see listing.py) stays in pieces.
     """
     head = b'{"id":' + _id_json(request_id) + b',"ok":true,"result":'
+    if type(result) is tuple:
+        return (head, *result, b"}\n")
     if len(result) > LARGE_REPLY:
         return head, result, b"}\n"
     return head + result + b"}\n"
