@@ -18,18 +18,15 @@ static void wait_like_a_disk(void) {
     errno = saved;
 }
 
-int fsync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    int result = real(fd);
-    wait_like_a_disk();
-    return result;
-}
+/* Each wrapper calls the real function, then waits. */
+#define DELAYED(name)                                              \
+    int name(int fd) {                                             \
+        static int (*real)(int);                                   \
+        if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, #name);   \
+        int result = real(fd);                                     \
+        wait_like_a_disk();                                        \
+        return result;                                             \
+    }
 
-int fdatasync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    int result = real(fd);
-    wait_like_a_disk();
-    return result;
-}
+DELAYED(fsync)
+DELAYED(fdatasync)

@@ -281,20 +281,17 @@ class Console:
         except ValueError as exc:
             self.note(f"error: {exc}")
             return EXIT_COMMAND_ERROR
-        try:
-            client = await self.ensure_connected()
-        except ConnectError as exc:
-            self.note(f"error: {exc}")
-            return EXIT_CONNECTION_ERROR
-        previous = client.subscription
-        try:
+        previous: dict[str, Any] | None = None
+
+        async def start(client: Client) -> Client:
+            nonlocal previous
+            previous = client.subscription
             await client.subscribe(events, vm_id)
-        except CommandError as exc:
-            self.show_error(exc.code, exc.message)
-            return EXIT_COMMAND_ERROR
-        except ClientError as exc:
-            self.note(f"error: {exc}")
-            return EXIT_CONNECTION_ERROR
+            return client
+
+        status, client = await self._call(start)
+        if status != EXIT_OK:
+            return status
         what = ", ".join(events) if events else "all events"
         self.note(f"watching {what}{f' of {vm_id}' if vm_id else ''}; Ctrl-C to stop")
         try:
@@ -332,28 +329,34 @@ class Console:
         return await self._run(name, lambda c: c.request(name, args))
 
     async def _run(self, name: str, send: Any) -> int:
+        status, result = await self._call(send)
+        if status == EXIT_OK:
+            self._track(name, result)
+            self.show(render.as_json(result) if self.as_json else render.human(name, result))
+        return status
+
+    async def _call(self, send: Any) -> tuple[int, Any]:
+        """Connect if need be and run ``send(client)``: (EXIT_OK, its result), or a failure
+        already reported to the user and the exit status it means."""
         try:
             client = await self.ensure_connected()
         except ConnectError as exc:
             self.note(f"error: {exc}")
-            return EXIT_CONNECTION_ERROR
+            return EXIT_CONNECTION_ERROR, None
         try:
-            result = await send(client)
+            return EXIT_OK, await send(client)
         except CommandError as exc:
             self.show_error(exc.code, exc.message)
-            return EXIT_COMMAND_ERROR
+            return EXIT_COMMAND_ERROR, None
         except ConnectionLost as exc:
             self.note(f"error: {exc} (the command may or may not have been carried out)")
-            return EXIT_CONNECTION_ERROR
+            return EXIT_CONNECTION_ERROR, None
         except ClientError as exc:
             self.note(f"error: {exc}")
-            return EXIT_CONNECTION_ERROR
+            return EXIT_CONNECTION_ERROR, None
         except (ValueError, TypeError) as exc:  # arguments that cannot be sent as JSON
             self.note(f"error: {exc}")
-            return EXIT_COMMAND_ERROR
-        self._track(name, result)
-        self.show(render.as_json(result) if self.as_json else render.human(name, result))
-        return EXIT_OK
+            return EXIT_COMMAND_ERROR, None
 
     def _track(self, name: str, result: Any) -> None:
         if isinstance(result, dict) and isinstance(result.get("vm_id"), str):

@@ -318,11 +318,18 @@ async def _agent(run: _Run, i: int) -> None:
 # --- the observer ---------------------------------------------------------------------------
 
 
-async def _check_add(run: _Run) -> str:
-    vms = await run.ours("add", "get_all_vms")
+async def _check_all_vms(run: _Run, phase: str, what: str, scale: int, connected: bool,
+                         authorized: bool) -> list[dict[str, Any]] | None:
+    """get_all_vms lists exactly this run's VMs, each as the plan says at this phase."""
+    vms = await run.ours(phase, "get_all_vms")
     if vms is not None:
-        run.same_ids("add", "get_all_vms lists exactly this run's VMs", vms, run.ids)
-        run.vm_records("add", "get_all_vms", vms, 1, connected=False, authorized=False)
+        run.same_ids(phase, f"get_all_vms {what} exactly this run's VMs", vms, run.ids)
+        run.vm_records(phase, "get_all_vms", vms, scale, connected=connected, authorized=authorized)
+    return vms
+
+
+async def _check_add(run: _Run) -> str:
+    vms = await _check_all_vms(run, "add", "lists", 1, connected=False, authorized=False)
     disks = await run.disks("add", 1, vms)
     return f"{len(vms or {})} of {len(run.plans)} VMs registered, {disks} disks"
 
@@ -358,10 +365,7 @@ async def _check_authorize(run: _Run) -> str:
 
 
 async def _check_update(run: _Run) -> str:
-    vms = await run.ours("update", "get_all_vms")
-    if vms is not None:
-        run.same_ids("update", "get_all_vms lists exactly this run's VMs", vms, run.ids)
-        run.vm_records("update", "get_all_vms", vms, 2, connected=True, authorized=True)
+    vms = await _check_all_vms(run, "update", "lists", 2, connected=True, authorized=True)
     disks = await run.disks("update", 2, vms)
     refused, tried = run.count("update", refusal=True)
     return f"ram, cpu and {disks} disk sizes doubled; {refused} of {tried} updates from other sessions refused"
@@ -381,10 +385,8 @@ async def _check_close(run: _Run) -> str:
         await asyncio.sleep(0.05)
     waited = time.monotonic() - start
     connected, _ = await _check_presence(run, "close", set(), set())
-    vms = await run.ours("close", "get_all_vms")
-    if vms is not None:  # the inventory is durable: leaving does not unregister
-        run.same_ids("close", "get_all_vms still lists exactly this run's VMs", vms, run.ids)
-        run.vm_records("close", "get_all_vms", vms, 2, connected=False, authorized=False)
+    # The inventory is durable: leaving does not unregister.
+    vms = await _check_all_vms(run, "close", "still lists", 2, connected=False, authorized=False)
     return f"all agents left; {connected} connected after {waited:.2f} s; {len(vms or {})} VMs kept"
 
 
