@@ -139,11 +139,24 @@ async def server(db_path: str) -> AsyncIterator[Server]:
 @pytest.fixture
 async def client(server: Server) -> AsyncIterator[vmclient.Client]:
     """A vmclient.Client connected to the ``server`` fixture."""
-    c = await asyncio.wait_for(vmclient.connect("127.0.0.1", server.address[1]), TIMEOUT)
+    async with _connected(server, TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture
+async def client2(server: Server) -> AsyncIterator[vmclient.Client]:
+    """A second session on the same server (e.g. the one whose operations cause events)."""
+    async with _connected(server, 5.0) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def _connected(server: Server, seconds: float) -> AsyncIterator[vmclient.Client]:
+    c = await asyncio.wait_for(vmclient.connect("127.0.0.1", server.address[1]), seconds)
     try:
         yield c
     finally:
-        await asyncio.wait_for(c.close(), TIMEOUT)
+        await asyncio.wait_for(c.close(), seconds)
 
 
 @pytest.fixture

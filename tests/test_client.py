@@ -66,15 +66,6 @@ def no_secret(e: BaseException, secret: str) -> None:
     assert secret not in repr(e.args)
 
 
-@pytest.fixture
-async def client2(server: Any) -> AsyncIterator[vmclient.Client]:
-    c = await bounded(vmclient.connect(HOST, server.address[1]))
-    try:
-        yield c
-    finally:
-        await bounded(c.close())
-
-
 # --- tiny fake servers -----------------------------------------------------------------------
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "FakeServer"], Awaitable[None]]

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,9 @@ async def nothing_comes(stream: vmclient.client.EventStream, seconds: float = 0.
 
 
 @pytest.fixture
-async def other(server: Any) -> AsyncIterator[vmclient.Client]:
+def other(client2: vmclient.Client) -> vmclient.Client:
     """A second session: the one whose operations cause the events."""
-    c = await bounded(vmclient.connect(HOST, server.address[1]))
-    try:
-        yield c
-    finally:
-        await bounded(c.close())
+    return client2
 
 
 # --- the library ------------------------------------------------------------------------------

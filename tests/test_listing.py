@@ -16,7 +16,7 @@ from vmserver.listing import Blocks, joined, json_array, json_list
 from vmserver.store import Store
 from vmserver.validation import DiskSpec
 
-from conftest import Wire, vm_args
+from conftest import vm_args
 
 
 def rec(id: int) -> SimpleNamespace:
