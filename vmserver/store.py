@@ -302,7 +302,7 @@ class Store:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                return self._all_failed(jobs, "begin", exc)
+                return self._all_failed(jobs, exc)
             try:
                 results = [fn(db, *args) for _, fn, args in jobs]
             except Exception:  # find out which one, and keep the others: run them again isolated
@@ -317,7 +317,7 @@ class Store:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            return self._all_failed(jobs, "begin", exc)
+            return self._all_failed(jobs, exc)
         outcomes: list[tuple[Any, StoreError | None]] = []
         alone = len(jobs) == 1  # then the transaction itself isolates it: no savepoint needed
         for what, fn, args in jobs:
@@ -350,13 +350,13 @@ class Store:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._abandon()
-            return self._all_failed(jobs, "commit", exc)
+            return self._all_failed(jobs, exc, "commit")
         return outcomes
 
-    def _all_failed(self, jobs: Sequence[tuple[str, Any, Any]], step: str, exc: Exception) -> list[tuple[Any, StoreError | None]]:
-        if step == "commit":
-            return [(None, StoreError(f"database {self.path}: commit failed: {exc}")) for _ in jobs]
-        return [(None, StoreError(f"database {self.path}: {what} failed: {exc}")) for what, _, _ in jobs]
+    def _all_failed(self, jobs: Sequence[tuple[str, Any, Any]], exc: Exception,
+                    step: str | None = None) -> list[tuple[Any, StoreError | None]]:
+        """Every job fails of one cause, named by ``step`` (the commit) or else by each job's name."""
+        return [(None, StoreError(f"database {self.path}: {step or what} failed: {exc}")) for what, _, _ in jobs]
 
     def _abandon(self) -> None:
         try:
