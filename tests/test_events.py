@@ -19,7 +19,8 @@ from typing import Any
 import vmserver.store as sql
 from conftest import TIMEOUT, Wire, disk, running, vm_args
 from vmserver.config import Config
-from vmserver.server import EVENT_QUEUE_MAX, start_server
+from vmserver import server as server_module
+from vmserver.server import start_server
 from vmserver.store import Store
 
 ALL_EVENTS = ["vm_added", "vm_updated", "vm_removed", "vm_connected", "vm_disconnected", "vm_authorized",
@@ -439,7 +440,8 @@ async def test_events_never_split_a_large_reply(tmp_path):
 # --- 5. a subscriber that never reads ---------------------------------------------------------
 
 
-async def test_a_subscriber_that_never_reads_loses_oldest_events(tmp_path):
+async def test_a_subscriber_that_never_reads_loses_oldest_events(tmp_path, monkeypatch):
+    monkeypatch.setattr(server_module, "EVENT_QUEUE_MAX", 1000)  # dropping starts sooner; the rule is the same
     db = str(tmp_path / "slow.db")
     k = 8  # VMs, each with 64 disks so that every event line is a few KB
     store = Store(db)
@@ -484,7 +486,7 @@ async def test_a_subscriber_that_never_reads_loses_oldest_events(tmp_path):
         overflows = [i for i, m in enumerate(msgs) if m.get("event") == "overflow"]
         assert overflows, "no overflow line although events were dropped"
         after = msgs[overflows[-1] + 1:]
-        assert 0 < len(after) <= EVENT_QUEUE_MAX
+        assert 0 < len(after) <= server_module.EVENT_QUEUE_MAX
         assert brief(after) == produced[-len(after):]  # the newest ones survived
         read, dropped = walk(produced, msgs, key=lambda m: (m["event"], m["data"]["vm_id"]))
         assert read < len(produced) and dropped > 0 and read + dropped == len(produced)

@@ -597,13 +597,18 @@ async def test_server_side_sockets_have_tcp_keepalive(server, wire):
 
 
 async def test_connection_cap(tmp_path):
-    srv = await in_process(tmp_path, "cap.db", max_connections=3)
+    """Three sessions, then two more in the seats kept for this machine (every test peer is on
+    loopback), then refusals."""
+    srv = await in_process(tmp_path, "cap.db", max_connections=3, local_reserve=2)
     try:
         port = srv.address[1]
         sessions = [await Wire.open(port) for _ in range(3)]
         for i, w in enumerate(sessions):
             assert "hello" in w.greeting
             await w.ok("connect_vm", **vm_args(f"cap-{i}", f"cap-{i}-d"))
+        operators = [await Wire.open(port) for _ in range(2)]
+        for w in operators:
+            assert "hello" in w.greeting and await w.ok("health") == "OK"
 
         refused = 0
         for _ in range(3):
@@ -622,7 +627,8 @@ async def test_connection_cap(tmp_path):
         for w in sessions:
             assert await w.ok("health") == "OK"
         assert await names(sessions[1], "get_connected_vms") == {"cap-0", "cap-1", "cap-2"}
-
+        for w in operators:
+            await w.close()
         await sessions[0].close()
 
         async def accepted() -> Wire | None:

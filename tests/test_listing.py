@@ -65,6 +65,12 @@ def test_json_array_in_pieces_past_the_large_reply_size(monkeypatch):
     pieces = json_array([b"1,2", b"", b"3,4"])
     assert type(pieces) is tuple and b"".join(pieces) == b"[1,2,3,4]"
     assert json_list([]) == b"[]" and json_list([b"1"]) == b"[1]" and json_list([b"1", b"2"]) == b"[1,2]"
+    monkeypatch.setattr(listing, "JOIN_CHUNK", 2)
+    records = [str(i).encode() for i in range(7)]
+    lazy = json_list(records)  # past JOIN_CHUNK records: references, joined as written
+    assert type(lazy) is tuple and any(type(p) is listing.Join for p in lazy)
+    assert [len(chunk.split(b",")) for chunk in lazy[1].chunks()] == [2, 3, 3, 2]  # a leading comma after the first
+    assert joined(lazy) == b"[0,1,2,3,4,5,6]"
 
 
 class Owner:
@@ -97,12 +103,18 @@ def check(inv: Inventory, rng: random.Random) -> None:
     assert json.loads(joined(inv.all_disks_json())) == want["disks"]
     assert json.loads(inv.stats_json()) == want["stats"]
     after = rng.choice([0] + [r["id"] for r in want["vms"]])
-    limit = rng.choice([1, 3, 1000])
-    assert json.loads(inv.vms_page(after, limit)) == [r for r in want["vms"] if r["id"] > after][:limit]
-    assert (json.loads(inv.vms_page(after, None, connected=True))
-            == [r for r in want["connected"] if r["id"] > after])
+    limit = rng.choice([1, 3, 1000, None])
+    connected, authorized = rng.choice([None, True, False]), rng.choice([None, True, False])
+    prefix = rng.choice(["", "", "vm-", "vm-1", "vm-2", "zzz"])
+    plain = [r for r in want["vms"] if r["id"] > after and r["vm_id"].startswith(prefix)
+             and connected in (None, r["connected"]) and authorized in (None, r["authorized"])][:limit]
+    assert json.loads(joined(inv.vms_page(after, limit, connected, authorized, prefix))) == plain
+    # The same without paging: whole filtered lists come from the per-block caches.
+    whole = [r for r in want["vms"] if r["vm_id"].startswith(prefix)
+             and connected in (None, r["connected"]) and authorized in (None, r["authorized"])]
+    assert json.loads(joined(inv.vms_page(0, None, connected, authorized, prefix))) == whole
     after = rng.choice([0] + [d["id"] for d in want["disks"]])
-    assert json.loads(inv.disks_page(after, limit)) == [d for d in want["disks"] if d["id"] > after][:limit]
+    assert json.loads(joined(inv.disks_page(after, limit))) == [d for d in want["disks"] if d["id"] > after][:limit]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -111,6 +123,7 @@ async def test_lists_equal_a_plain_rebuild_after_random_changes(tmp_path, monkey
     lists come back in pieces; every kind of change, checked after each step."""
     monkeypatch.setattr(listing, "BLOCK", 4)
     monkeypatch.setattr(listing, "LARGE_REPLY", 600)
+    monkeypatch.setattr(listing, "JOIN_CHUNK", 3)  # filtered lists and pages come back as a Join
     rng = random.Random(seed)
     store = Store(str(tmp_path / "l.db"))
     inv = Inventory(store)

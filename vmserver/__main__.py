@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import resource
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, limits
 from .config import Config, parse_config
 from .console import ServerConsole
 from .server import TLSConfigError, start_server
@@ -32,16 +31,6 @@ def _prepare_db_dir(db: str) -> None:
             raise StoreError(f"cannot create the directory of database {db}: {exc.strerror or exc}") from exc
 
 
-def _raise_fd_limit(wanted: int) -> None:
-    """Each session is a file descriptor: lift the soft limit so --max-connections can be reached."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if hard != resource.RLIM_INFINITY and hard < wanted - 64:
-        log.warning("open-file limit %d is below --max-connections; sessions past it will fail to open", hard)
-
-
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -52,7 +41,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    _raise_fd_limit(config.max_connections + 64)
+    limits.raise_fd_limit()  # each session is a descriptor; the server sizes its cap from this
     try:
         _prepare_db_dir(config.db)
         server = await start_server(config)

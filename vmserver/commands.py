@@ -213,11 +213,9 @@ _PAGE = (
 )
 
 
-def _page(a: dict[str, Any]) -> tuple[int, int] | None:
-    """(after, limit) when the request pages, None for the whole (cached) list."""
-    if not a:
-        return None
-    return a.get("after", 0), a.get("limit", v.PAGE_MAX)
+def _page(a: dict[str, Any]) -> tuple[int, int | None]:
+    """(after, limit) of a list request: by default from the start, every record."""
+    return a.get("after", 0), a.get("limit")
 
 
 _FILTERS = (
@@ -230,28 +228,23 @@ _FILTERS = (
 @command("get_all_vms", "List every VM, ordered by id (optionally filtered, or a page: after, limit).",
          *_PAGE, *_FILTERS)
 def get_all_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    if not a:
-        return ctx.inventory.all_vms_json()
-    return ctx.inventory.vms_page(a.get("after", 0), a.get("limit"), a.get("connected"), a.get("authorized"),
-                                  a.get("prefix", ""))
+    return ctx.inventory.vms_page(*_page(a), a.get("connected"), a.get("authorized"), a.get("prefix", ""))
 
 
 @command("get_connected_vms", "List the VMs connected now, ordered by id (optionally a page).", *_PAGE)
 def get_connected_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    page = _page(a)
-    return ctx.inventory.connected_vms_json() if page is None else ctx.inventory.vms_page(*page, connected=True)
+    return ctx.inventory.vms_page(*_page(a), connected=True)
 
 
 @command("get_authorized_vms", "List the VMs authorized now, ordered by id (optionally a page).", *_PAGE)
 def get_authorized_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    page = _page(a)
-    return ctx.inventory.authorized_vms_json() if page is None else ctx.inventory.vms_page(*page, authorized=True)
+    return ctx.inventory.vms_page(*_page(a), authorized=True)
 
 
 @command("get_all_disks", "List every disk with the name of its VM, ordered by id (optionally a page).", *_PAGE)
 def get_all_disks(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    page = _page(a)
-    return ctx.inventory.all_disks_json() if page is None else ctx.inventory.disks_page(*page)
+    after, limit = _page(a)
+    return ctx.inventory.all_disks_json() if not after and limit is None else ctx.inventory.disks_page(after, limit)
 
 
 @command("get_vm", "One VM's record.", _VM_ID)

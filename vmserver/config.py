@@ -29,7 +29,8 @@ class Config:
     log_level: str = "INFO"
     idle_timeout: float = 3600.0  # seconds without a request before a session is closed; 0: never
     write_timeout: float = 30.0  # seconds a session may leave its replies unread before it is dropped
-    max_connections: int = 10000
+    max_connections: int | None = None  # None: as many as the open-file limit allows (see limits.py)
+    local_reserve: int = 16  # sessions past the cap kept for peers on this machine (an operator)
     token: str | None = field(default=None, repr=False)  # shared secret; None: no authentication
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -59,6 +60,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
     return value
 
 
@@ -104,7 +115,11 @@ _OPTIONS = [
     ("--write-timeout", "VMSERVER_WRITE_TIMEOUT", _non_negative,
      "drop a session that leaves its replies unread this many seconds (default %s)"),
     ("--max-connections", "VMSERVER_MAX_CONNECTIONS", _positive,
-     "sessions served at once; more are refused with one error line (default %s)"),
+     "sessions served at once; more are refused with one error line (default: what the open-file "
+     "limit allows, up to 100000)"),
+    ("--local-reserve", "VMSERVER_LOCAL_RESERVE", _count,
+     "sessions past --max-connections kept for peers on this machine (loopback), so an operator "
+     "can always get in (default %s)"),
     ("--token", "VMSERVER_TOKEN", _text,
      "shared token every session must present with 'auth' (default: none; prefer --token-file)"),
     ("--tls-cert", "VMSERVER_TLS_CERT", _text, "PEM certificate (chain): serve TLS instead of plain TCP"),

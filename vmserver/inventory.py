@@ -10,6 +10,7 @@ each check-and-claim is atomic with respect to every session.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import logging
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 from . import store as sql
 from .errors import CommandError, ErrorCode
-from .listing import Blocks, Encoded, json_list
+from .listing import Blocks, Encoded, View, json_list
 from .protocol import dumps, utc_now
 from .store import Store
 from .validation import DiskSpec
@@ -114,6 +115,27 @@ class VM:
         return self._json
 
 
+def _matcher(connected: bool | None, authorized: bool | None) -> Callable[[VM], bool]:
+    """The test of get_all_vms' connected= and authorized= filters."""
+    if connected is None and authorized is None:
+        return lambda vm: True
+    return lambda vm: ((connected is None or (vm.owner is not None) == connected)
+                       and (authorized is None or vm.authorized == authorized))
+
+
+def _name_index(vms: list[VM]) -> tuple[list[str], list[VM]]:
+    ordered = sorted(vms, key=_vm_name)
+    return [vm.vm_id for vm in ordered], ordered
+
+
+def _vm_name(vm: VM) -> str:
+    return vm.vm_id
+
+
+def _vm_pk(vm: VM) -> int:
+    return vm.id
+
+
 def _log_failure(future: Any) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("history not recorded: %s", future.exception())
@@ -134,9 +156,14 @@ class Inventory:
         # The lists, kept current block by block (see listing.py).
         self._vm_blocks: Blocks[VM] = Blocks()
         self._all_vms = self._vm_blocks.view(lambda vms: b",".join([vm._json for vm in vms]))
-        self._connected = self._vm_blocks.view(
-            lambda vms: b",".join([vm._json for vm in vms if vm.owner is not None]))
-        self._authorized = self._vm_blocks.view(lambda vms: b",".join([vm._json for vm in vms if vm.authorized]))
+        # Per filter (connected, authorized): each block's matching VMs, and their JSON; made on
+        # first use. A page or a filtered list skips blocks without a match at no cost.
+        self._selected: dict[tuple[bool | None, bool | None], View[VM, list[VM]]] = {}
+        self._selected_json: dict[tuple[bool | None, bool | None], View[VM, bytes]] = {(None, None): self._all_vms}
+        self._connected = self._selection_json(True, None)
+        self._authorized = self._selection_json(None, True)
+        # Each block's VMs ordered by name (names never change), for prefix= in a bisect per block.
+        self._by_name = self._vm_blocks.view(_name_index)
         self._vm_totals = self._vm_blocks.view(lambda vms: (
             len(vms), sum(vm.owner is not None for vm in vms), sum(vm.authorized for vm in vms),
             sum(vm.ram for vm in vms), sum(vm.cpu for vm in vms)))
@@ -481,22 +508,64 @@ class Inventory:
     def all_disks_json(self) -> Encoded:
         return self._all_disks.json_array()
 
+    def _selection(self, connected: bool | None, authorized: bool | None) -> View[VM, list[VM]]:
+        view = self._selected.get((connected, authorized))
+        if view is None:
+            match = _matcher(connected, authorized)
+            view = self._selected[(connected, authorized)] = self._vm_blocks.view(
+                lambda vms: [vm for vm in vms if match(vm)])
+        return view
+
+    def _selection_json(self, connected: bool | None, authorized: bool | None) -> View[VM, bytes]:
+        view = self._selected_json.get((connected, authorized))
+        if view is None:
+            match = _matcher(connected, authorized)
+            view = self._selected_json[(connected, authorized)] = self._vm_blocks.view(
+                lambda vms: b",".join([vm._json for vm in vms if match(vm)]))
+        return view
+
     def vms_page(self, after: int = 0, limit: int | None = None, connected: bool | None = None,
-                 authorized: bool | None = None, prefix: str = "") -> bytes:
-        """VMs with ids above ``after`` that match the filters, at most ``limit`` of them."""
+                 authorized: bool | None = None, prefix: str = "") -> Encoded:
+        """VMs with ids above ``after`` that match the filters, at most ``limit`` of them (all by
+        default), in id order. Costs what it returns, not the size of the fleet: whole filtered
+        lists come from per-block caches, pages stop at ``limit``, a prefix is a bisect per block."""
+        if not prefix and not after and limit is None:
+            return self._selection_json(connected, authorized).json_array()
         out: list[bytes] = []
-        for vm in self._vm_blocks.after(after):
-            if ((connected is None or (vm.owner is not None) == connected)
-                    and (authorized is None or vm.authorized == authorized)
-                    and vm.vm_id.startswith(prefix)):
-                out.append(vm.json())
-                if len(out) == limit:
+        if prefix:
+            match = _matcher(connected, authorized)
+            by_name = self._by_name
+            for block, records in self._vm_blocks.blocks_after(after):
+                names, vms = by_name.of(block, records)
+                i, end = bisect.bisect_left(names, prefix), len(names)
+                hits = []
+                while i < end and names[i].startswith(prefix):
+                    vm = vms[i]
+                    if vm.id > after and match(vm):
+                        hits.append(vm)
+                    i += 1
+                if hits:
+                    hits.sort(key=_vm_pk)
+                    out += [vm._json for vm in hits]
+                    if limit is not None and len(out) >= limit:
+                        del out[limit:]
+                        break
+        else:
+            selection = None if connected is None and authorized is None else self._selection(connected, authorized)
+            for block, records in self._vm_blocks.blocks_after(after):
+                if selection is not None:
+                    records = selection.of(block, records)
+                if records and records[0].id <= after:
+                    records = [vm for vm in records if vm.id > after]
+                if limit is not None and len(out) + len(records) >= limit:
+                    out += [vm._json for vm in records[:limit - len(out)]]
                     break
+                out += [vm._json for vm in records]
         return json_list(out)
 
-    def disks_page(self, after: int, limit: int) -> bytes:
-        """Up to ``limit`` disks with ids above ``after``."""
-        return json_list(d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit))
+    def disks_page(self, after: int, limit: int | None) -> Encoded:
+        """Up to ``limit`` disks (all by default) with ids above ``after``."""
+        return json_list([d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit)])
 
     def stats_json(self) -> bytes:
         """Counts and totals of the whole inventory, from one snapshot (summed block by block)."""

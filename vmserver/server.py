@@ -9,6 +9,7 @@ idle and write timeouts, TCP keepalive, and the refusal of HTTP spoken to this p
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
@@ -17,11 +18,12 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 
-from . import __version__
+from . import __version__, limits
 from .commands import COMMANDS, Context, Reply, execute
 from .config import Config
 from .errors import ErrorCode
 from .inventory import Inventory
+from .listing import pieces
 from .protocol import (
     RequestError, dumps, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
 )
@@ -30,79 +32,82 @@ from .store import Store, StoreError
 log = logging.getLogger(__name__)
 
 _TOO_LARGE = object()  # read_line's answer for an over-long line (already discarded)
+_TOO_LARGE_BEFORE_AUTH = object()  # a long line before auth: answered, then the session ends
 _BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
 _WRITE_HIGH_WATER = 256 * 1024  # past this much unsent output, stop reading until the peer reads
 _SLICE = 256 * 1024  # a large reply is written this much at a time
 _LINGER = 1.0  # seconds a closing session's unread input may take to drain
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}  # a dead peer is noticed in ~2 min
+# Input: a session's stream buffers up to twice this before it stops reading from the socket.
+# Longer lines are gathered under a permit from a budget shared by all sessions, so the input
+# held in memory stays bounded however many peers send long lines at once.
+_READ_LIMIT = 16 * 1024
+PRE_AUTH_LINE = 4096  # before auth (on a server with a token) no line may be longer
+_LONG_LINE_BUDGET = 64 * 1024 * 1024
+_TURN = 0.001  # seconds of work a session (or the reaper) does before letting the others in
+_EVENT_WRITE_MAX = 256 * 1024  # bytes of events written to one subscriber at a time
 
 SHUTDOWN = "server shutdown"
 IDLE = "idle timeout"
 _DISCONNECT_REASONS = {SHUTDOWN: "shutdown", IDLE: "timeout"}  # vm_disconnected's reason; else session_closed
-EVENT_QUEUE_MAX = 1000  # events held for one subscriber before the oldest are dropped
+_QUIET_REASONS = ("closed by peer", SHUTDOWN)  # logged at DEBUG: routine for a fleet
+EVENT_QUEUE_MAX = 10_000  # events held for one subscriber before the oldest are dropped (shared lines: 8 bytes each)
 
 
 class Subscription:
     """What a session asked to hear, and the events waiting to be written to it.
 
     Bounded: a subscriber that does not read loses the oldest events, and is told how many.
+    The queue holds references to event lines encoded once for every subscriber.
     """
 
-    __slots__ = ("events", "vm_id", "queue", "dropped", "wakeup")
+    __slots__ = ("events", "vm_id", "queue", "dropped", "blocked")
 
     def __init__(self, events: frozenset[str], vm_id: str | None) -> None:
         self.events, self.vm_id = events, vm_id
         self.queue: deque[bytes] = deque()
         self.dropped = 0
-        self.wakeup = asyncio.Event()
+        self.blocked = False  # its peer is not reading: wait for the buffer to drain
 
     def push(self, line: bytes) -> None:
         if len(self.queue) >= EVENT_QUEUE_MAX:
             self.queue.popleft()
             self.dropped += 1
         self.queue.append(line)
-        self.wakeup.set()
 
 
 class Session:
     """One client connection; ``vms`` are the VMs it has connected (bound to its lifetime)."""
 
     __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended",
-                 "subscription", "pump", "writing", "_server", "_writer")
+                 "subscription", "writing", "spent", "local", "_server", "_writer", "_drainer")
 
     def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True,
                  server: Server | None = None, writer: asyncio.StreamWriter | None = None) -> None:
         self.name = name
         self.vms: set[str] = set()
         self.task = task
-        self.busy = False  # True while a command runs: nobody may interrupt it
+        self.busy = False  # a command runs or its reply is being written: nobody may interrupt it
         self.last_active = time.monotonic()
         self.stop_reason: str | None = None  # why the server cancelled it, if it did
         self.authenticated = authenticated
         self.ended = False  # set when its VMs are released: nothing may be bound to it after
         self.subscription: Subscription | None = None
-        self.pump: asyncio.Task[None] | None = None  # writes this session's events
-        self.writing = False  # a large reply is going out in slices: no event may cut into it
+        self.writing = False  # a reply is going out in slices: no event may cut into it
+        self.spent = 0.0  # seconds of work since it last let other sessions in
+        self.local = False  # the peer is on this machine (loopback): may take a reserved seat
         self._server, self._writer = server, writer
+        self._drainer: asyncio.Task[None] | None = None  # waits for a non-reading subscriber
 
     def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
         """Start (or change) this session's live events."""
-        assert self._server is not None and self._writer is not None
-        previous, self.subscription = self.subscription, Subscription(events, vm_id)
-        if previous is not None:
-            previous.wakeup.set()  # the pump is waiting on the old one: let it move on
-        self._server.subscribers.add(self)
-        if self.pump is None:
-            self.pump = asyncio.get_running_loop().create_task(self._server._pump(self, self._writer))
+        assert self._server is not None
+        self._server._subscribe(self, Subscription(events, vm_id))
 
     def unsubscribe(self) -> None:
         """Stop live events; those not yet written are dropped."""
-        self.subscription = None
         if self._server is not None:
-            self._server.subscribers.discard(self)
-        if self.pump is not None:
-            self.pump.cancel()
-            self.pump = None
+            self._server._subscribe(self, None)
 
     def __repr__(self) -> str:
         return f"<Session {self.name}>"
@@ -142,57 +147,88 @@ class Server:
         self.inventory = inventory
         self.context = Context(inventory, config)
         self.sessions: set[Session] = set()
-        self.subscribers: set[Session] = set()
+        self.max_sessions, warning = limits.session_cap(config.max_connections, config.local_reserve,
+                                                        limits.fd_limit())
+        if warning:
+            log.warning("%s", warning)
         inventory.listeners.append(self._publish)
         self._pruner: asyncio.Task[None] | None = None
         self._refused, self._refused_logged = 0, -10.0  # connections refused over the cap, not yet logged
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None)
+        self._long_lines = asyncio.Semaphore(max(1, _LONG_LINE_BUDGET // (2 * config.max_line + 2)))
+        # Live events: subscribers by event name (those without a vm_id) and by VM (those with one);
+        # sessions with events to write, written once per loop turn.
+        self._by_event: dict[str, set[Session]] = {}
+        self._by_vm: dict[str, set[Session]] = {}
+        self._dirty: set[Session] = set()
+        self._flush_scheduled = False
+        # Ended sessions, released by one task a slice at a time (a fleet hanging up at once must
+        # not freeze the loop), then closed.
+        self._ending: deque[tuple[Session, str, asyncio.StreamWriter | None]] = deque()
+        self._ending_ready = asyncio.Event()
+        self._reaped = asyncio.Event()
+        self._reaped.set()
+        self._reaper: asyncio.Task[None] | None = None
 
     async def start(self, tls: ssl.SSLContext | None = None) -> None:
         """Listen (with TLS when given a context). :raises OSError: address in use."""
-        # The reader's limit allows the longest line plus a '\r'; longer lines are cut by us.
-        self._server = await asyncio.start_server(
-            self._serve, self.config.host, self.config.port, limit=self.config.max_line + 1,
-            backlog=_BACKLOG, ssl=tls, ssl_handshake_timeout=10.0 if tls else None)
+        refusal = encode_error(None, ErrorCode.UNAVAILABLE, "the server is out of file descriptors; try again later")
+        for sock in limits.listeners(self.config.host, self.config.port, _BACKLOG):
+            sock.refusal, sock.on_refused = refusal, self._note_refused
+            try:
+                # Lines longer than the reader's limit are gathered by _read_long_line.
+                self._servers.append(await asyncio.start_server(
+                    self._serve, sock=sock, limit=_READ_LIMIT, backlog=_BACKLOG, ssl=tls,
+                    ssl_handshake_timeout=10.0 if tls else None))
+            except BaseException:
+                sock.close()
+                raise
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.create_task(self._reap())
         if self.config.idle_timeout > 0:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+            self._sweeper = loop.create_task(self._sweep_idle())
         if self.config.history_days > 0:
-            self._pruner = asyncio.get_running_loop().create_task(self._prune_history())
+            self._pruner = loop.create_task(self._prune_history())
 
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) actually bound, so port 0 can be read back."""
-        assert self._server is not None, "start() first"
-        host, port = self._server.sockets[0].getsockname()[:2]
+        assert self._servers, "start() first"
+        host, port = self._servers[0].sockets[0].getsockname()[:2]
         return host, port
 
     async def close(self) -> None:
-        """Stop listening, let commands in flight finish, say goodbye to every session, close them."""
+        """Stop listening, let commands in flight and replies being written finish, say goodbye
+        to every session, close them."""
         if self._closing:
             return
         self._closing = True
         for task in (self._sweeper, self._pruner):
             if task is not None:
                 task.cancel()
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         tasks = [s.task for s in self.sessions if s.task is not None]
         for session in list(self.sessions):
             if not session.busy:
                 self._stop(session, SHUTDOWN)  # it is waiting for input: nothing is lost
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
+            # A reply being written is finished first, for as long as its peer keeps reading.
+            grace = max(self.config.shutdown_grace, self.config.write_timeout)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
-                log.warning("a session did not finish within %.1fs of shutdown; cutting it off",
-                            self.config.shutdown_grace)
+                log.warning("a session did not finish within %.1fs of shutdown; cutting it off", grace)
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        if self._server is not None:
-            await self._server.wait_closed()
+        await self._reaped.wait()  # every ended session released (its history rows submitted)
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for server in self._servers:
+            await server.wait_closed()
 
     @staticmethod
     def _stop(session: Session, reason: str) -> None:
@@ -228,44 +264,122 @@ class Server:
 
     # --- live events ------------------------------------------------------------------
 
-    def _publish(self, event: str, vm: Any, reason: str | None) -> None:
-        """An inventory change: queue its event line for every session subscribed to it."""
-        if not self.subscribers:
+    def _subscribe(self, session: Session, subscription: Subscription | None) -> None:
+        """Replace what ``session`` hears (None: nothing); events queued for the old choice are dropped."""
+        old = session.subscription
+        if old is not None:
+            for name in old.events if old.vm_id is None else (old.vm_id,):
+                index = self._by_event if old.vm_id is None else self._by_vm
+                members = index.get(name)
+                if members is not None:
+                    members.discard(session)
+                    if not members:
+                        del index[name]
+        session.subscription = subscription
+        if subscription is None:
+            self._dirty.discard(session)
+            if session._drainer is not None:
+                session._drainer.cancel()
+                session._drainer = None
             return
-        line = None
-        for session in self.subscribers:
-            sub = session.subscription
-            if sub is None or event not in sub.events or (sub.vm_id is not None and sub.vm_id != vm.vm_id):
-                continue
-            if line is None:
-                data = vm.json()
-                if reason is not None:  # the record plus why: {"...":...,"reason":"request"}
-                    key = b"command" if event == "auth_failed" else b"reason"
-                    data = data[:-1] + b',"' + key + b'":' + dumps(reason) + b"}"
-                line = encode_event(event, data)
-            sub.push(line)
+        if subscription.vm_id is None:
+            for name in subscription.events:
+                self._by_event.setdefault(name, set()).add(session)
+        else:
+            self._by_vm.setdefault(subscription.vm_id, set()).add(session)
 
-    async def _pump(self, session: Session, writer: asyncio.StreamWriter) -> None:
-        """Write a session's events between its reply lines, never faster than it reads."""
+    def _publish(self, event: str, vm: Any, reason: str | None) -> None:
+        """An inventory change: queue its line (encoded once) for every session subscribed to it."""
+        everyone, watchers = self._by_event.get(event), self._by_vm.get(vm.vm_id)
+        if not everyone and not watchers:
+            return
+        data = vm.json()
+        if reason is not None:  # the record plus why: {"...":...,"reason":"request"}
+            key = b"command" if event == "auth_failed" else b"reason"
+            data = data[:-1] + b',"' + key + b'":' + dumps(reason) + b"}"
+        line = encode_event(event, data)
+        dirty = self._dirty
+        for session in everyone or ():
+            session.subscription.push(line)  # type: ignore[union-attr]
+            dirty.add(session)
+        for session in watchers or ():
+            sub = session.subscription
+            if event in sub.events:  # type: ignore[union-attr]
+                sub.push(line)  # type: ignore[union-attr]
+                dirty.add(session)
+        if dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_events)
+
+    def _flush_events(self) -> None:
+        """Once per loop turn: each subscriber's pending events in one write."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            self._write_events(session)
+
+    def _write_events(self, session: Session) -> None:
+        sub, writer = session.subscription, session._writer
+        if sub is None or writer is None or sub.blocked or session.writing or not (sub.queue or sub.dropped):
+            return  # (a reply in slices writes them when it is done; a blocked one when it drains)
+        transport = writer.transport
+        if transport.is_closing():
+            sub.queue.clear()
+            return
+        if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+            sub.blocked = True  # a slow reader: meanwhile its queue fills, then drops the oldest
+            session._drainer = asyncio.get_running_loop().create_task(self._drain_events(session, sub, writer))
+            return
+        lines = []
+        if sub.dropped:
+            lines.append(encode_event("overflow", {"dropped": sub.dropped}))
+            sub.dropped = 0
+        size, queue = 0, sub.queue
+        while queue and size < _EVENT_WRITE_MAX:
+            line = queue.popleft()
+            lines.append(line)
+            size += len(line)
+        writer.write(b"".join(lines))
+        if queue:  # the rest on a later turn, once this much has gone
+            self._dirty.add(session)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_events)
+
+    async def _drain_events(self, session: Session, sub: Subscription, writer: asyncio.StreamWriter) -> None:
         try:
-            while session.subscription is not None:
-                sub = session.subscription
-                await sub.wakeup.wait()
-                sub.wakeup.clear()
-                while (sub.queue or sub.dropped) and not session.writing and session.subscription is sub:
-                    if writer.transport.is_closing():
-                        return
-                    if sub.dropped:
-                        writer.write(encode_event("overflow", {"dropped": sub.dropped}))
-                        sub.dropped = 0
-                    if sub.queue:
-                        writer.write(sub.queue.popleft())
-                    if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-                        await writer.drain()  # a slow reader: meanwhile its queue fills, then drops
+            await writer.drain()
         except (ConnectionError, OSError):
-            pass
+            return
+        finally:
+            sub.blocked = False
+            if session._drainer is asyncio.current_task():
+                session._drainer = None
+        self._write_events(session)
 
     # --- one session ------------------------------------------------------------------
+
+    def _note_refused(self, count: int, name: str = "?") -> None:
+        """Count refused connections; a flood of refusals is one log line per 10 s."""
+        self._refused += count
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:
+            log.warning("refused %d connection(s), the last from %s: already %d sessions (cap %d, --max-connections)",
+                        self._refused, name, len(self.sessions), self.max_sessions)
+            self._refused, self._refused_logged = 0, now
+
+    def _admit(self, writer: asyncio.StreamWriter, peer: Any, name: str) -> bool:
+        """Within the cap, or in one of the seats kept for this machine's own peers past it."""
+        count = len(self.sessions)
+        if count < self.max_sessions:
+            return True
+        if count < self.max_sessions + self.config.local_reserve and _is_loopback(peer):
+            return True
+        self._note_refused(1, name)
+        writer.write(encode_error(None, ErrorCode.UNAVAILABLE,
+                                  f"too many connections (limit {self.max_sessions}); try again later"))
+        writer.close()  # at once: a refusal must not hold a descriptor while lingering
+        return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -273,16 +387,7 @@ class Server:
         if self._closing:
             writer.transport.abort()
             return
-        if len(self.sessions) >= self.config.max_connections:
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._refused_logged >= 10.0:  # a flood of refusals is one log line per 10 s
-                log.warning("refused %d connection(s), the last from %s: already %d sessions (--max-connections)",
-                            self._refused, name, len(self.sessions))
-                self._refused, self._refused_logged = 0, now
-            writer.write(encode_error(None, ErrorCode.UNAVAILABLE,
-                                      f"too many connections (limit {self.config.max_connections}); try again later"))
-            await self._hang_up(writer, shutdown=False)
+        if not self._admit(writer, peer, name):
             return
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -292,13 +397,20 @@ class Server:
         self.sessions.add(session)
         log.debug("session %s opened", name)
         reason = "closed by peer"
+        clock = time.perf_counter
         try:
             writer.write(self._greeting)
             while not self._closing:
-                line = await self._read_line(reader)
+                line = await self._read_line(reader, session)
                 if line is None:
                     break
+                began = clock()
                 session.last_active = time.monotonic()
+                if line is _TOO_LARGE_BEFORE_AUTH:
+                    writer.write(encode_error(None, ErrorCode.TOO_LARGE,
+                                              f"before auth, request lines are limited to {PRE_AUTH_LINE} bytes"))
+                    reason = "over-long line before auth"
+                    break
                 if line is not _TOO_LARGE and looks_like_http(line):  # type: ignore[arg-type]
                     writer.write(encode_error(None, ErrorCode.BAD_REQUEST,
                                               "this port speaks line-delimited JSON (see protocol.md), not HTTP"))
@@ -308,21 +420,22 @@ class Server:
                 reply = self._respond(session, line)
                 if reply is not None and type(reply) is not bytes and type(reply) is not tuple:
                     reply = await reply  # type: ignore[misc]
-                session.busy = False
                 if reply is not None:
                     if writer.transport.is_closing():
                         break  # the peer is gone; nobody to answer
                     if type(reply) is bytes:
                         writer.write(reply)
+                        await self._backpressure(writer)
                     else:
-                        session.writing = True
-                        try:
-                            await self._write_pieces(writer, reply)  # type: ignore[arg-type]
-                        finally:
-                            session.writing = False
-                            if session.subscription is not None:
-                                session.subscription.wakeup.set()  # events held back meanwhile
-                    await self._backpressure(writer)
+                        await self._write_pieces(session, writer, reply)  # type: ignore[arg-type]
+                        session.last_active = time.monotonic()  # it was reading all along
+                session.busy = False
+                # Fairness: past a small budget of work, let every other session in before going on
+                # with this one's pipelined requests (which are served without waiting otherwise).
+                session.spent += clock() - began
+                if session.spent > _TURN:
+                    session.spent = 0.0
+                    await asyncio.sleep(0)
             if self._closing:
                 reason = SHUTDOWN
         except asyncio.CancelledError:
@@ -335,13 +448,52 @@ class Server:
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
         finally:
-            session.busy = False
-            session.unsubscribe()
-            released = self.inventory.release(session, _DISCONNECT_REASONS.get(reason, "session_closed"))
-            self.sessions.discard(session)
-            level = logging.INFO if reason not in ("closed by peer", SHUTDOWN) else logging.DEBUG
-            log.log(level, "session %s ended (%s); released %s", name, reason, ", ".join(released) or "no VMs")
-            await self._hang_up(writer, shutdown=reason == SHUTDOWN, reader=None if reader.at_eof() else reader)
+            if session.writing:  # cut off in the middle of a reply line: nothing may follow it
+                writer.transport.abort()
+            session.busy = session.writing = False
+            at_eof = reader.at_eof()
+            if reason == SHUTDOWN or not (at_eof or writer.transport.is_closing()):
+                self._retire(session, reason, None)  # we end it: say goodbye, let its input drain
+                await self._hang_up(writer, shutdown=reason == SHUTDOWN, reader=None if at_eof else reader)
+            else:
+                self._retire(session, reason, writer)  # the peer ended it: the reaper closes it
+
+    def _retire(self, session: Session, reason: str, writer: asyncio.StreamWriter | None) -> None:
+        """Hand an ended session to the reaper (``writer``: close it too)."""
+        session.ended = True  # nothing may be bound to it from now on
+        self._ending.append((session, reason, writer))
+        self._reaped.clear()
+        self._ending_ready.set()
+
+    async def _reap(self) -> None:
+        """Release ended sessions a slice at a time: their VMs, their events, their descriptors."""
+        clock = time.perf_counter
+        while True:
+            await self._ending_ready.wait()
+            self._ending_ready.clear()
+            began = clock()
+            while self._ending:
+                session, reason, writer = self._ending.popleft()
+                try:
+                    self._end(session, reason)
+                except Exception:  # a bug must not stop the releasing of every later session
+                    log.exception("releasing session %s", session.name)
+                if writer is not None:
+                    writer.close()
+                if clock() - began > _TURN:
+                    await asyncio.sleep(0)
+                    began = clock()
+            self._reaped.set()
+
+    def _end(self, session: Session, reason: str) -> None:
+        session.unsubscribe()
+        released = self.inventory.release(session, _DISCONNECT_REASONS.get(reason, "session_closed"))
+        self.sessions.discard(session)
+        if reason in _QUIET_REASONS or reason.startswith("connection error"):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("session %s ended (%s); released %s", session.name, reason, ", ".join(released) or "no VMs")
+        else:
+            log.info("session %s ended (%s); released %s", session.name, reason, ", ".join(released) or "no VMs")
 
     async def _backpressure(self, writer: asyncio.StreamWriter) -> None:
         """Past the high-water mark, read no more from this session until its peer reads its
@@ -349,14 +501,20 @@ class Server:
         if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
             await asyncio.wait_for(writer.drain(), self.config.write_timeout)
 
-    async def _write_pieces(self, writer: asyncio.StreamWriter, pieces: tuple[bytes, ...]) -> None:
-        """Write a large reply a slice at a time, letting the peer read in between: the event loop
-        never copies tens of MB in one go, so other sessions keep being answered meanwhile."""
-        for piece in pieces:
-            view = memoryview(piece)
-            for start in range(0, len(view), _SLICE):
-                writer.write(view[start:start + _SLICE])
+    async def _write_pieces(self, session: Session, writer: asyncio.StreamWriter, reply: Reply) -> None:
+        """Write a large reply a slice at a time as the peer reads it: the event loop never copies
+        tens of MB in one go, a Join is joined only as it goes out, and other sessions keep
+        being answered meanwhile. Stops at the first sign the peer is gone."""
+        session.writing = True
+        transport = writer.transport
+        for piece in pieces(reply):  # type: ignore[arg-type]
+            for start in range(0, len(piece), _SLICE):
+                if transport.is_closing():
+                    raise ConnectionResetError("the peer went away during a reply")
+                writer.write(piece if len(piece) <= _SLICE else memoryview(piece)[start:start + _SLICE])
                 await self._backpressure(writer)
+        session.writing = False
+        self._write_events(session)  # events held back meanwhile
 
     async def _hang_up(self, writer: asyncio.StreamWriter, shutdown: bool,
                        reader: asyncio.StreamReader | None = None) -> None:
@@ -380,7 +538,7 @@ class Server:
         while await reader.read(65536):
             pass
 
-    async def _read_line(self, reader: asyncio.StreamReader) -> bytes | object | None:
+    async def _read_line(self, reader: asyncio.StreamReader, session: Session) -> bytes | object | None:
         """The next line without its terminator; _TOO_LARGE for a discarded over-long line; None at EOF.
 
         A last line that ends at EOF without a newline is still returned.
@@ -391,14 +549,43 @@ class Server:
             if not exc.partial:
                 return None
             line = exc.partial
-        except asyncio.LimitOverrunError:
-            await self._discard_line(reader)
-            return _TOO_LARGE
+        except asyncio.LimitOverrunError as exc:
+            if not session.authenticated:
+                return _TOO_LARGE_BEFORE_AUTH
+            line = await self._read_long_line(reader)
+            if line is None:
+                return _TOO_LARGE
         if line[-1:] == b"\r":
             line = line[:-1]
+        if not session.authenticated and len(line) > PRE_AUTH_LINE:
+            return _TOO_LARGE_BEFORE_AUTH
         if len(line) > self.config.max_line:
             return _TOO_LARGE
         return line
+
+    async def _read_long_line(self, reader: asyncio.StreamReader) -> bytes | None:
+        """A line longer than the reader's limit, gathered under a permit of the shared budget
+        (waiting for one leaves the input in the kernel); None when it is over --max-line (it
+        is discarded)."""
+        async with self._long_lines:
+            parts, size, most = [], 0, self.config.max_line + 1  # + 1: a '\r' before the newline
+            while True:
+                try:
+                    parts.append((await reader.readuntil(b"\n"))[:-1])
+                    break
+                except asyncio.LimitOverrunError as exc:
+                    buffered = exc.consumed
+                except asyncio.IncompleteReadError as exc:
+                    parts.append(exc.partial)  # the last line, ended by EOF
+                    break
+                size += buffered
+                if size > most:
+                    parts.clear()
+                    await self._discard_line(reader)
+                    return None
+                parts.append(await reader.readexactly(buffered))
+            line = b"".join(parts)
+            return line if len(line) <= most else None
 
     @staticmethod
     async def _discard_line(reader: asyncio.StreamReader) -> None:
@@ -426,6 +613,15 @@ class Server:
         if request is None:
             return None
         return execute(self.context, session, request)
+
+
+def _is_loopback(peer: Any) -> bool:
+    if not isinstance(peer, tuple):
+        return isinstance(peer, str)  # a Unix socket: this machine
+    try:
+        return ipaddress.ip_address(peer[0].split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 async def start_server(config: Config) -> Server:

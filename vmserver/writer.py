@@ -13,6 +13,7 @@ cancelled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -44,6 +45,12 @@ class GroupCommitter:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="vmserver-writer", daemon=True)
+        # Finished batches wait here for the event loop. At most one wake-up of the loop is pending
+        # at a time: one per transaction would fill asyncio's self-pipe while the loop is busy, and
+        # a full pipe silently drops the byte that tells the loop a signal (SIGTERM) arrived.
+        self._done: collections.deque[tuple[list[_Job], list[Any]]] = collections.deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
         self.batches = 0  # transactions committed, for tests and benchmarks
         self.writes = 0
 
@@ -96,15 +103,28 @@ class GroupCommitter:
             outcomes = self.store.write_batch([(job.what, job.fn, job.args) for job in batch])
             self.batches += 1
             self.writes += len(batch)
+            self._done.append((batch, outcomes))
+            with self._wake_lock:
+                if self._wake_pending:
+                    continue  # the loop has not yet taken the last batch: it takes this one too
+                self._wake_pending = True
             try:
                 assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+                self._loop.call_soon_threadsafe(self._deliver_all)
             except RuntimeError:  # the loop is closed: nobody is left to tell
                 return
 
+    def _deliver_all(self) -> None:
+        """On the event loop: every batch finished since the last wake-up, in commit order."""
+        with self._wake_lock:
+            self._wake_pending = False  # from here on, a new batch wakes the loop again
+        while self._done:
+            batch, outcomes = self._done.popleft()
+            self._deliver(batch, outcomes)
+
     @staticmethod
     def _deliver(batch: list[_Job], outcomes: list[tuple[Any, StoreError | None]]) -> None:
-        """On the event loop: mirror each outcome into memory, then wake its waiter."""
+        """Mirror each outcome into memory, then wake its waiter."""
         for job, (result, error) in zip(batch, outcomes):
             try:
                 if error is None:
