@@ -447,6 +447,9 @@ class Server:
             writer.transport.abort()
         except (ConnectionError, OSError) as exc:
             reason = f"connection error: {exc}"
+            # The stream keeps this exception, whose traceback holds the frames that hold the
+            # stream: a cycle only a full collection would free (see gc_tuning.py).
+            exc.__traceback__ = None
         finally:
             if session.writing:  # cut off in the middle of a reply line: nothing may follow it
                 writer.transport.abort()
@@ -480,6 +483,7 @@ class Server:
                     log.exception("releasing session %s", session.name)
                 if writer is not None:
                     writer.close()
+                    _unlink_later(writer.transport)
                 if clock() - began > _TURN:
                     await asyncio.sleep(0)
                     began = clock()
@@ -532,6 +536,7 @@ class Server:
             await asyncio.wait_for(writer.wait_closed(), timeout=2.0)
         except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):  # SSLError is an OSError
             writer.transport.abort()
+        _unlink_later(writer.transport)
 
     @staticmethod
     async def _drain_input(reader: asyncio.StreamReader) -> None:
@@ -613,6 +618,15 @@ class Server:
         if request is None:
             return None
         return execute(self.context, session, request)
+
+
+def _unlink_later(transport: asyncio.BaseTransport) -> None:
+    """Once a closed transport is done, drop the bound method it keeps of itself (asyncio's
+    selector transports do, up to Python 3.12): without it, a closed connection is freed by
+    reference counting instead of waiting for a full garbage collection, which matters once
+    long-lived objects are frozen (gc_tuning.py). A no-op where the attribute does not exist."""
+    if getattr(transport, "_read_ready_cb", None) is not None:
+        asyncio.get_running_loop().call_soon(setattr, transport, "_read_ready_cb", None)
 
 
 def _is_loopback(peer: Any) -> bool:
