@@ -17,7 +17,7 @@ from typing import Generic, Protocol, TypeVar, Union
 from .protocol import LARGE_REPLY
 
 BLOCK = 1024  # ids per block
-JOIN_CHUNK = 1024  # records joined into one piece of a Join (a few hundred KB)
+JOIN_CHUNK = 256  # records joined into one piece of a Join (tens of KB)
 
 
 class Join:

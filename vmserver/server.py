@@ -35,7 +35,7 @@ _TOO_LARGE = object()  # read_line's answer for an over-long line (already disca
 _TOO_LARGE_BEFORE_AUTH = object()  # a long line before auth: answered, then the session ends
 _BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
 _WRITE_HIGH_WATER = 256 * 1024  # past this much unsent output, stop reading until the peer reads
-_SLICE = 256 * 1024  # a large reply is written this much at a time
+_SLICE = 64 * 1024  # a large reply is written this much at a time (bounds what a non-reading peer holds)
 _LINGER = 1.0  # seconds a closing session's unread input may take to drain
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}  # a dead peer is noticed in ~2 min
 # Input: a session's stream buffers up to twice this before it stops reading from the socket.
