@@ -205,3 +205,22 @@ async def test_a_large_list_after_a_change_over_the_wire(wire, connect):
     assert stats["vms"] == 1200 and stats["disks"] == 2399 and stats["connected"] == stats["authorized"] == 1
     assert len(await wire.ok("get_all_disks")) == 2399
     assert [vm["vm_id"] for vm in await wire.ok("get_connected_vms")] == ["big-700"]
+
+
+async def test_after_alone_means_every_record_after_it_for_every_list(db_path, monkeypatch):
+    """protocol.md: limit defaults to all. (The lists other than get_all_vms used to stop at
+    the largest page size; a smaller one makes that visible here.)"""
+    from vmserver import validation
+
+    from conftest import Wire, running, vm_args
+
+    monkeypatch.setattr(validation, "PAGE_MAX", 5)
+    async with running(db_path) as srv:
+        w = await Wire.open(srv.address[1])
+        for i in range(12):
+            await w.ok("connect_vm", **vm_args(f"pg-{i:02d}", f"pg-{i:02d}-d"))
+            await w.ok("authorize_vm", vm_id=f"pg-{i:02d}")
+        for cmd in ("get_all_vms", "get_connected_vms", "get_authorized_vms", "get_all_disks"):
+            assert len(await w.ok(cmd, after=1)) == 11, cmd
+            assert len(await w.ok(cmd, after=1, limit=3)) == 3, cmd
+        await w.close()
