@@ -179,3 +179,28 @@ def test_long_lines_within_the_limit_are_still_served(spawn, tmp_path: Path, siz
     s.close()
     assert server.stop() == 0
     assert os.path.exists(tmp_path / "ok.db")
+
+
+async def test_before_auth_lines_are_short_after_it_as_long_as_max_line(db_path):
+    from conftest import Wire, running
+    from vmserver.server import PRE_AUTH_LINE
+
+    async with running(db_path, token="s3cret-token") as srv:
+        port = srv.address[1]
+        w = await Wire.open(port)
+        padded = b'{"cmd":"health","id":"' + b"p" * (PRE_AUTH_LINE - 30) + b'"}'
+        assert len(padded) <= PRE_AUTH_LINE
+        await w.send(padded)
+        assert (await w.recv())["result"] == "OK"  # a short line before auth is served
+        await w.send(b"health " + b"x" * PRE_AUTH_LINE)
+        reply = await w.recv()
+        assert reply["error"]["code"] == "too_large" and str(PRE_AUTH_LINE) in reply["error"]["message"]
+        assert await w.at_eof(), "then the server hangs up"
+        await w.close()
+
+        w = await Wire.open(port)
+        assert await w.ok("auth", token="s3cret-token") == "OK"
+        long_id = "q" * (4 * PRE_AUTH_LINE)
+        reply = await w.call("health", id=long_id)
+        assert reply == {"id": long_id, "ok": True, "result": "OK"}  # after auth: up to --max-line
+        await w.close()
