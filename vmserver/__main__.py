@@ -64,6 +64,7 @@ async def serve(config: Config) -> int:
     host, port = server.address
     extras = [name for name, on in (("TLS", config.tls_cert), ("token required", config.token),
                                     ("passwords required", config.require_passwords)) if on]
+    extras.append(f"up to {server.max_sessions} sessions + {config.local_reserve} local")
     log.info("vmserver %s listening on %s (db: %s%s)", __version__, _show(host, port), config.db,
              "".join(f"; {e}" for e in extras))
     console = None
