@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -260,7 +261,9 @@ class Client:
         except ssl.SSLError as exc:
             raise ConnectError(f"cannot connect to {where}: TLS failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            # A getaddrinfo error's errno is an EAI_* code, which os.strerror does not know.
+            reason = (exc.strerror if isinstance(exc, socket.gaierror) else os.strerror(exc.errno) if exc.errno
+                      else None) or str(exc)
             raise ConnectError(f"cannot connect to {where}: {reason}") from exc
         except (ValueError, OverflowError) as exc:  # a port out of range, a host IDNA cannot encode
             raise ConnectError(f"cannot connect to {where}: {exc}") from exc
