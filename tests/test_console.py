@@ -575,3 +575,22 @@ def test_human_rendering():
     assert re.search(r"^disks:\s+disk-1 \(500 GiB\)$", block, re.M)
     assert re.search(r"^last_connected:\s+never$", block, re.M)
     assert render.as_json({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+
+
+ODD_RESULTS = [None, 1, [1], ["x", None], [{}, 1], [{"vm_id": "a", "disks": 5}], [{"vm_id": "a", "disks": [1, None]}],
+               [{"vm_id": "a", "disks": "abc"}], [{"disk_id": "d"}, "x"], {}, {"vm_id": "a", "disks": 5},
+               {"vm_id": "a", "disks": [1, {"disk_id": "d", "size": 1}]}, {"events": "abc"},
+               [{"event": "vm_added", "ts": "t", "vm_id": "v", "ram": 1, "disks": 7}]]
+
+
+@pytest.mark.parametrize("result", ODD_RESULTS, ids=[json.dumps(r)[:40] for r in ODD_RESULTS])
+def test_human_rendering_of_shapes_it_does_not_know(result):
+    """A result of an unexpected shape (another server, a newer one) is shown, never a traceback."""
+    for name in [*COMMANDS, "unknown"]:
+        text = render.human(name, result)
+        assert isinstance(text, str) and text
+    if not (isinstance(result, list) and all(isinstance(r, dict) for r in result)) and not isinstance(result, dict):
+        assert render.human("get_all_vms", result) == json.dumps(result, indent=2)
+    assert "5" in render.human("get_vm", {"vm_id": "a", "disks": 5})
+    event = {"event": "vm_added", "data": {"vm_id": "v", "ram": 1, "disks": result}, "ts": "t"}
+    assert render.event_line(event).split()[:3] == ["t", "vm_added", "v"]
