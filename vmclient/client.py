@@ -543,7 +543,8 @@ class Client:
             self._event_ready.set()
 
     def _subscribed(self, result: Any) -> None:
-        self._subscription = result if isinstance(result, dict) else {"events": list(EVENT_NAMES), "vm_id": None}
+        known = isinstance(result, dict) and isinstance(result.get("events"), list)  # else what subscribe asks by default
+        self._subscription = result if known else {"events": list(EVENT_NAMES), "vm_id": None}
 
     def _unsubscribed(self, result: Any) -> None:
         self._subscription = None
