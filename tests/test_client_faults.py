@@ -10,7 +10,6 @@ SIGSTOP. Nothing of vmclient or vmserver is mocked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
@@ -68,7 +67,7 @@ def unhandled(seen: list[dict[str, Any]]) -> list[str]:
 
 # --- a tiny peer ------------------------------------------------------------------------------
 
-Answer = Callable[[dict[str, Any]], bytes | None]
+Answer = Callable[[int, dict[str, Any]], bytes | None]  # (request number, request) -> the reply line
 
 
 class Peer:
@@ -77,8 +76,7 @@ class Peer:
     serves any later session). :meth:`stop_reading` plays a server that stopped: it takes no
     more bytes from its sockets, so the client's socket buffers fill."""
 
-    def __init__(self, greeting: bytes, *answers: Callable[[int, dict[str, Any]], bytes | None],
-                 then: bytes = b"") -> None:
+    def __init__(self, greeting: bytes, *answers: Answer, then: bytes = b"") -> None:
         self.greeting, self.answers, self.then = greeting, answers, then
         self.lines: list[bytes] = []
         self.sessions = 0
@@ -134,7 +132,7 @@ def ok(n: int, request: dict[str, Any]) -> bytes:
     return json.dumps({"id": request.get("id"), "ok": True, "result": "OK"}).encode() + b"\n"
 
 
-def first_with(template: bytes) -> Callable[[int, dict[str, Any]], bytes | None]:
+def first_with(template: bytes) -> Answer:
     """Answer the first request with ``template`` (``ID`` replaced by its id), the rest never."""
     def answer(n: int, request: dict[str, Any]) -> bytes | None:
         return template.replace(b"ID", json.dumps(request.get("id")).encode()) + b"\n" if n == 0 else None
