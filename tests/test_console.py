@@ -96,6 +96,90 @@ def test_one_shot_cannot_connect_exits_2_with_one_line():
     assert_no_traceback(result.stderr)
 
 
+def run_plain(*words: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m vmclient WORDS`` with only ``env`` added to a VMSERVER_*-free environment."""
+    return subprocess.run([sys.executable, "-m", "vmclient", *words], input="", capture_output=True, text=True,
+                          cwd=ROOT, env=client_env(**(env or {})), timeout=RUN_TIMEOUT)
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], result.stderr
+    assert "cannot connect" not in lines[0]  # refused before connecting: no server is needed to see it
+    assert_no_traceback(result.stderr)
+
+
+BAD_SETTINGS = {  # name: (flags, environment, what the one line must name)
+    "VMSERVER_PORT not a number": ((), {"VMSERVER_PORT": "abc"}, ["VMSERVER_PORT", "'abc'"]),
+    "VMSERVER_PORT out of range": ((), {"VMSERVER_PORT": "70000"}, ["VMSERVER_PORT", "70000"]),
+    "VMSERVER_PORT zero": ((), {"VMSERVER_PORT": "0"}, ["VMSERVER_PORT"]),
+    "--port not a number": (("--port", "abc"), {}, ["--port", "'abc'"]),
+    "--port out of range": (("--port", "70000"), {}, ["--port", "70000"]),
+    "--port negative": (("--port=-1",), {}, ["--port", "-1"]),
+    "--host empty": (("--host", ""), {}, ["--host", "empty"]),
+    "--timeout not a number": (("--timeout", "abc"), {}, ["--timeout", "'abc'"]),
+    "--timeout zero": (("--timeout", "0"), {}, ["--timeout"]),
+    "--timeout negative": (("--timeout=-1",), {}, ["--timeout"]),
+    "--timeout nan": (("--timeout", "nan"), {}, ["--timeout", "nan"]),
+    "--timeout inf": (("--timeout", "inf"), {}, ["--timeout", "inf"]),
+    "--token-file missing": (("--token-file", "{tmp}/none"), {}, ["{tmp}/none", "cannot read"]),
+    "--token-file a directory": (("--token-file", "{tmp}"), {}, ["cannot read token file {tmp}"]),
+    "--token-file empty": (("--token-file", "{tmp}/empty"), {}, ["token file {tmp}/empty is empty"]),
+    "--token-file blank": (("--token-file", "{tmp}/blank"), {}, ["token file {tmp}/blank is empty"]),
+    "--token-file not UTF-8": (("--token-file", "{tmp}/binary"), {}, ["cannot read token file {tmp}/binary"]),
+    "VMSERVER_TOKEN_FILE empty": ((), {"VMSERVER_TOKEN_FILE": "{tmp}/empty"}, ["token file {tmp}/empty is empty"]),
+    "VMSERVER_TOKEN blank": ((), {"VMSERVER_TOKEN": "   "}, ["VMSERVER_TOKEN", "empty"]),
+    "--cafile missing": (("--cafile", "{tmp}/none.pem"), {}, ["{tmp}/none.pem"]),
+    "--cafile not PEM": (("--cafile", "{tmp}/binary"), {}, ["{tmp}/binary"]),
+    "--cafile with --tls not PEM": (("--tls", "--cafile", "{tmp}/blank"), {}, ["{tmp}/blank"]),
+    "unknown flag": (("--frob",), {}, ["--frob"]),
+}
+
+
+@pytest.mark.parametrize("flags,env,named", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_bad_setting_is_one_line_and_exit_2(tmp_path, flags, env, named):
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "blank").write_bytes(b"  \n\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00token\n")
+    fill = lambda text: text.replace("{tmp}", str(tmp_path))  # noqa: E731
+    where = () if "VMSERVER_PORT" in env or any(f.startswith("--port") for f in flags) else (
+        "--port", str(closed_port()))  # a setting let through would end in "cannot connect" instead
+    result = run_plain(*where, *map(fill, flags), "health", env={k: fill(v) for k, v in env.items()})
+    assert_one_line_exit_2(result, *map(fill, named))
+
+
+def test_empty_token_file_is_refused_as_the_server_refuses_it(spawn, tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    server = spawn("--port", "0", "--db", str(tmp_path / "t.db"), "--token-file", str(empty))
+    assert server.run_to_exit() == 2
+    assert f"token file {empty} is empty".encode() in server.log
+    assert_one_line_exit_2(run_plain("--port", str(closed_port()), "--token-file", str(empty), "health"),
+                           f"token file {empty} is empty")
+
+
+def test_settings_from_the_environment(port):
+    result = run_plain("health", env={"VMSERVER_HOST": "127.0.0.1", "VMSERVER_PORT": str(port)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == "OK"
+    result = run_plain("health", env={"VMSERVER_HOST": "", "VMSERVER_PORT": str(port)})  # empty: the default
+    assert result.returncode == 0, result.stderr
+    result = run_plain("--port", str(port), "health", env={"VMSERVER_PORT": "abc"})  # the flag wins, unchecked env
+    assert result.returncode == 0, result.stderr
+
+
+def test_demo_unusable_port_is_one_line_and_exit_2():
+    result = run_plain("demo", "--port", "99999", "--vms", "1")
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "cannot connect" in lines[0] and "99999" in lines[0], result.stderr
+    assert_no_traceback(result.stderr)
+
+
 def test_one_shot_json_flag(port):
     result = run_client(port, "health", options=("--json",))
     assert result.returncode == 0 and json.loads(result.stdout) == "OK"
@@ -491,3 +575,22 @@ def test_human_rendering():
     assert re.search(r"^disks:\s+disk-1 \(500 GiB\)$", block, re.M)
     assert re.search(r"^last_connected:\s+never$", block, re.M)
     assert render.as_json({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+
+
+ODD_RESULTS = [None, 1, [1], ["x", None], [{}, 1], [{"vm_id": "a", "disks": 5}], [{"vm_id": "a", "disks": [1, None]}],
+               [{"vm_id": "a", "disks": "abc"}], [{"disk_id": "d"}, "x"], {}, {"vm_id": "a", "disks": 5},
+               {"vm_id": "a", "disks": [1, {"disk_id": "d", "size": 1}]}, {"events": "abc"},
+               [{"event": "vm_added", "ts": "t", "vm_id": "v", "ram": 1, "disks": 7}]]
+
+
+@pytest.mark.parametrize("result", ODD_RESULTS, ids=[json.dumps(r)[:40] for r in ODD_RESULTS])
+def test_human_rendering_of_shapes_it_does_not_know(result):
+    """A result of an unexpected shape (another server, a newer one) is shown, never a traceback."""
+    for name in [*COMMANDS, "unknown"]:
+        text = render.human(name, result)
+        assert isinstance(text, str) and text
+    if not (isinstance(result, list) and all(isinstance(r, dict) for r in result)) and not isinstance(result, dict):
+        assert render.human("get_all_vms", result) == json.dumps(result, indent=2)
+    assert "5" in render.human("get_vm", {"vm_id": "a", "disks": 5})
+    event = {"event": "vm_added", "data": {"vm_id": "v", "ram": 1, "disks": result}, "ts": "t"}
+    assert render.event_line(event).split()[:3] == ["t", "vm_added", "v"]

@@ -5,6 +5,17 @@ must carry the id of the call at its head (a check that catches a confused strea
 reader task reads every line; when the connection ends, every pending call fails with
 :class:`ConnectionLost` instead of hanging.
 
+A line the client cannot understand (not JSON, nested too deep to read, a reply that is not
+``{"id", "ok": true, "result"}`` or ``{"id", "ok": false, "error": {"code", "message"}}``, a
+reply nobody waits for, an event that is not ``{"event", "data", "ts"}``, a line over
+``max_reply``) is a protocol violation: the client ends the connection, and every pending and
+later call fails at once with ConnectionLost whose ``__cause__`` is the
+:class:`ProtocolViolation`. ``connect()`` then starts a new connection.
+
+Requests go to the socket one at a time, in call order, each whole and only once the socket
+has room: a call's ``timeout`` covers waiting for that room as well as for the reply, and a
+request is never cut in half (see :meth:`Client.request`).
+
 Event lines (protocol.md, "Events") are set aside by the same reader into a bounded buffer
 while the session is subscribed, and handed out by :meth:`Client.events`; calls go on working
 meanwhile.
@@ -18,6 +29,7 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -84,6 +96,37 @@ _SECRET_JSON = re.compile(r'("(?:password|token)"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}
 def redact(line: str) -> str:
     """A request line with every password and token value replaced by ``***`` (errors, logs, history)."""
     return _SECRET_JSON.sub(r'\1"***"', _SECRET_INLINE.sub(r"\1***", line))
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_not_json)  # NaN and Infinity are Python's, not JSON
+
+
+def _parse(line: bytes) -> Any:
+    """One line from the server as JSON.
+
+    :raises ProtocolViolation: for a line that is not UTF-8 JSON, or too deeply nested for
+        Python to read (the recursion limit, about 1000 levels).
+    """
+    try:
+        return _decoder.decode(line.decode("utf-8"))
+    except RecursionError as exc:
+        raise ProtocolViolation(f"the server sent a line nested too deep to read ({len(line)} bytes)") from exc
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ProtocolViolation(f"the server sent a line that is not JSON: {line[:200]!r}") from exc
+
+
+def _same_id(sent: Any, got: Any) -> bool:
+    """Whether a reply's id is the request's, as JSON sees it: ``true`` is not ``1``, nor ``1.0``."""
+    if isinstance(sent, (list, dict)) or isinstance(got, (list, dict)):
+        try:
+            return json.dumps(sent, sort_keys=True) == json.dumps(got, sort_keys=True)
+        except (RecursionError, ValueError):
+            return False
+    return type(sent) is type(got) and sent == got
 
 
 def _masked(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -178,18 +221,37 @@ class Client:
         self._event_ready: asyncio.Event | None = None
         self._subscription: dict[str, Any] | None = None
         self._generation = 0  # one per connection: events and streams belong to one
+        self._connecting = asyncio.Lock()
+        self._sending = asyncio.Lock()  # one per connection: requests enter the socket one by one
 
     # --- connection -----------------------------------------------------------------
 
     async def connect(self) -> Client:
-        """Connect and read the greeting.
+        """Connect and read the greeting (then present ``token``, if given).
 
-        :raises ConnectError: when the server cannot be reached or is not a protocol-1 vmserver.
+        On a connected client this does nothing. On one whose connection was lost or closed,
+        it starts a new connection and session: the old connection's reader and socket are
+        cleaned up first, its event streams end, and nothing of its subscription is kept.
+
+        :raises ConnectError: when the server cannot be reached, does not greet like a
+            protocol-1 vmserver (a greeting this client cannot read included), or refuses the
+            token; also for an address or ``cafile`` that cannot be used.
         """
-        if self._writer is not None:
-            return self
+        async with self._connecting:  # two connect() at once: one connection
+            if self.connected:
+                return self
+            if self._writer is not None:
+                await self._teardown()
+            return await self._open()
+
+    async def _open(self) -> Client:
         where = f"{self.host}:{self.port}"
-        context = self._ssl_context()
+        try:
+            context = self._ssl_context()
+        except OSError as exc:  # ssl.SSLError is one too
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            what = f"cannot use CA file {self._cafile}" if self._cafile else "cannot set up TLS"
+            raise ConnectError(f"cannot connect to {where}: {what}: {reason}") from exc
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 self.host, self.port, limit=self.max_reply, ssl=context,
@@ -199,8 +261,12 @@ class Client:
         except ssl.SSLError as exc:
             raise ConnectError(f"cannot connect to {where}: TLS failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            # A getaddrinfo error's errno is an EAI_* code, which os.strerror does not know.
+            reason = (exc.strerror if isinstance(exc, socket.gaierror) else os.strerror(exc.errno) if exc.errno
+                      else None) or str(exc)
             raise ConnectError(f"cannot connect to {where}: {reason}") from exc
+        except (ValueError, OverflowError) as exc:  # a port out of range, a host IDNA cannot encode
+            raise ConnectError(f"cannot connect to {where}: {exc}") from exc
         try:
             hello = await self._greeting(reader, where)
         except BaseException:
@@ -208,6 +274,7 @@ class Client:
             raise
         self.server_info = hello
         self._reader, self._writer, self._lost = reader, writer, None
+        self._sending = asyncio.Lock()
         self._generation += 1  # a new session: nothing subscribed, nothing buffered
         self._events.clear()
         self._events_dropped = 0
@@ -215,7 +282,7 @@ class Client:
         if self._event_ready is not None:
             self._event_ready.set()  # streams of the old connection end
         self._event_ready = asyncio.Event()
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader, writer))
         if self._token is not None:
             try:
                 await self.auth(self._token)
@@ -232,23 +299,33 @@ class Client:
     async def _greeting(self, reader: asyncio.StreamReader, where: str) -> dict[str, Any]:
         try:
             line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
-            first = json.loads(line) if line else None
         except asyncio.TimeoutError as exc:
             raise ConnectError(f"connected to {where}, but no greeting came within {self.connect_timeout}s") from exc
-        except (OSError, ValueError) as exc:
-            raise ConnectError(f"{where} did not greet like a vmserver") from exc
+        except (OSError, ValueError) as exc:  # ValueError: a line over max_reply
+            raise ConnectError(f"{where} did not greet like a vmserver: {exc}") from exc
+        if not line.endswith(b"\n"):
+            raise ConnectError(f"{where} closed the connection without a greeting")
+        try:
+            first = _parse(line)
+        except ProtocolViolation as exc:
+            raise ConnectError(f"{where} did not greet like a vmserver: {exc}") from exc
         if isinstance(first, dict) and isinstance(first.get("error"), dict):  # e.g. too many connections
             error = first["error"]
             raise ConnectError(f"{where} refused the connection: {error.get('code')}: {error.get('message')}")
         hello = first.get("hello") if isinstance(first, dict) else None
         if not isinstance(hello, dict) or hello.get("server") != "vmserver":
             raise ConnectError(f"{where} is not a vmserver (greeting: {line[:200]!r})")
-        if hello.get("protocol") != PROTOCOL_VERSION:
-            raise ConnectError(f"{where} speaks protocol {hello.get('protocol')}, this client {PROTOCOL_VERSION}")
+        protocol = hello.get("protocol")
+        if type(protocol) is not int or protocol != PROTOCOL_VERSION:
+            raise ConnectError(f"{where} speaks protocol {protocol!r}, this client {PROTOCOL_VERSION}")
+        commands = hello.get("commands", [])
+        if not isinstance(commands, list) or not all(isinstance(name, str) for name in commands):
+            raise ConnectError(f"{where} sent a greeting whose commands are not a list of names: {line[:200]!r}")
         return hello
 
     @property
     def connected(self) -> bool:
+        """True from connect() until the connection is lost (as far as the reader has seen) or closed."""
         return self._writer is not None and self._lost is None
 
     @property
@@ -257,21 +334,27 @@ class Client:
         return list(self.server_info.get("commands", []))
 
     async def close(self) -> None:
-        """Close the connection. Calls still pending fail with ConnectionLost."""
-        writer, task = self._writer, self._reader_task
-        if writer is None:
+        """Close the connection. Calls still pending, or still waiting to send, fail with
+        ConnectionLost; what the socket has not sent within 2 s is dropped."""
+        if self._writer is None:
             return
         self._fail_all(ConnectionLost("the client was closed"))
-        writer.close()
-        try:
-            await asyncio.wait_for(writer.wait_closed(), 2.0)
-        except (OSError, asyncio.TimeoutError):
-            pass
+        await self._teardown()
+        self._wake_streams()
+
+    async def _teardown(self) -> None:
+        """Close the socket (aborting it if it has not flushed within 2 s) and stop the reader."""
+        writer, task = self._writer, self._reader_task
+        self._writer = self._reader = self._reader_task = None
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+            except (OSError, asyncio.TimeoutError):
+                writer.transport.abort()  # a peer that stopped reading: wakes calls waiting to send
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._writer = self._reader = self._reader_task = None
-        self._wake_streams()
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -288,14 +371,26 @@ class Client:
     async def request(self, cmd: str, args: dict[str, Any], *, timeout: float | None = _DEFAULT) -> Any:
         """Like :meth:`call`, with the arguments as a dict (so any name, even ``timeout``, can be sent).
 
+        ``timeout`` (default: the client's; None: no limit) covers the whole call: waiting for
+        the socket to take the request (a stopped server fills it) as well as for the reply.
+
         :raises CommandError: (a subclass per error code) when the server answers with an error.
-        :raises ConnectionLost: when the connection is or gets closed before the reply.
-        :raises CallTimeout: when no reply comes within ``timeout`` seconds.
+        :raises ConnectionLost: when the connection is or gets closed before the reply (its
+            ``__cause__`` says why: an OSError, or the :class:`ProtocolViolation` of a reply
+            the client could not understand). The server may or may not have carried it out.
+        :raises CallTimeout: when the call does not complete within ``timeout`` seconds. The
+            connection stays usable: a request still waiting for its turn to be sent is
+            dropped (the server never sees it); one already handed to the socket goes out
+            whole, so the server may still carry it out (its late reply is skipped).
         :raises ValueError, TypeError: when ``args`` cannot be encoded as JSON (NaN, sets, ...).
         """
         request_id = next(self._ids)
         # allow_nan=False: NaN is not JSON; better a ValueError here than a bad_request there.
-        line = json.dumps({"cmd": cmd, "args": args, "id": request_id}, separators=(",", ":"), allow_nan=False) + "\n"
+        try:
+            line = json.dumps({"cmd": cmd, "args": args, "id": request_id}, separators=(",", ":"),
+                              allow_nan=False) + "\n"
+        except RecursionError:
+            raise ValueError(f"{cmd}: the arguments are nested too deep to encode") from None
         return await self._exchange(line.encode("utf-8"), request_id, _masked(cmd, args), timeout,
                                     self._hook_for(cmd))
 
@@ -303,6 +398,7 @@ class Client:
         """Send one request line as typed (inline form, see protocol.md) and return its ``result``.
 
         :raises CommandError: when the server answers with an error.
+        :raises ConnectionLost, CallTimeout: as :meth:`request` does.
         :raises ValueError: for a line the server would not answer (blank, comment, several lines).
         """
         text = line.strip()
@@ -313,7 +409,7 @@ class Client:
             try:
                 envelope = json.loads(text)
                 request_id, name = envelope.get("id"), str(envelope.get("cmd"))
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # the server will say what is wrong
                 name = "?"
         shown = {"cmd": redact(name), "line": redact(text)}
         return await self._exchange(text.encode("utf-8") + b"\n", request_id, shown, timeout, self._hook_for(name))
@@ -328,74 +424,111 @@ class Client:
 
     async def _exchange(self, data: bytes, request_id: Any, request: dict[str, Any], timeout: float | None,
                         on_ok: Callable[[Any], None] | None = None) -> Any:
-        if self._lost is not None:
-            raise ConnectionLost(str(self._lost))
-        if self._writer is None:
-            raise ConnectionLost("not connected: call connect() first")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request_id, future, request, on_ok))
-        self._writer.write(data)  # appended and written with no await between: order is kept
-        try:
-            await self._writer.drain()
-        except (ConnectionError, OSError) as exc:
-            self._connection_lost(exc)
+        """Send one request line and wait for its reply, both within ``timeout``.
+
+        Requests enter the socket one at a time, in call order, and each only when the socket
+        has room (what earlier requests left has drained below the transport's high-water
+        mark); the line is then handed over whole, with no await between the last check and
+        the write. So a call that times out or is cancelled while waiting for its turn is
+        simply dropped, and one that was handed over goes out whole: no request is ever cut
+        in half, and the stream stays in step whatever the timeouts (no need to end the
+        connection). The client buffers at most one request beyond the high-water mark.
+        """
         if timeout is _DEFAULT:
             timeout = self.timeout
+        writer, sending = self._writer, self._sending
+        self._check_usable(writer)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        deadline = asyncio.timeout(timeout)
         try:
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise CallTimeout(f"{request['cmd']}: no reply within {timeout}s") from None
+            async with deadline:
+                async with sending:
+                    try:
+                        await writer.drain()  # type: ignore[union-attr]
+                    except (ConnectionError, OSError) as exc:
+                        self._connection_lost(exc, writer)
+                    self._check_usable(writer)
+                    self._pending.append(_Pending(request_id, future, request, on_ok))
+                    writer.write(data)  # type: ignore[union-attr]
+                return await future
+        except TimeoutError:
+            if deadline.expired():
+                raise CallTimeout(f"{request['cmd']}: no reply within {timeout}s") from None
+            raise
+        finally:
+            if not future.done():
+                future.cancel()  # nobody waits for it now: the reader skips its reply
+
+    def _check_usable(self, writer: asyncio.StreamWriter | None) -> None:
+        """:raises ConnectionLost: unless ``writer`` belongs to the live connection."""
+        if writer is not None and writer is self._writer and self._lost is None:
+            return
+        if self._lost is not None and self._writer in (None, writer):
+            again = ConnectionLost(str(self._lost))
+            again.__cause__ = self._lost.__cause__  # e.g. the ProtocolViolation that ended it
+            raise again
+        if writer is None:
+            raise ConnectionLost("not connected: call connect() first")
+        raise ConnectionLost(f"connection to {self.host}:{self.port} lost before the request was sent")
 
     # --- the reader -----------------------------------------------------------------
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+    async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cause: BaseException | None = None
         try:
             while True:
-                line = await reader.readline()
-                if not line:
+                try:
+                    line = await reader.readline()
+                except ValueError as exc:  # LimitOverrunError inside: a reply over max_reply
+                    raise ProtocolViolation(f"a reply line exceeded {self.max_reply} bytes") from exc
+                if not line.endswith(b"\n"):  # the end, or the connection ended mid-line
                     break
                 self._dispatch(line)
         except asyncio.CancelledError:
             raise
-        except ValueError as exc:  # LimitOverrunError: a reply over max_reply
-            cause = ProtocolViolation(f"a reply line exceeded {self.max_reply} bytes")
-            cause.__cause__ = exc
-        except ProtocolViolation as exc:
+        except (ProtocolViolation, ConnectionError, OSError) as exc:
             cause = exc
-        except (ConnectionError, OSError) as exc:
+        except Exception as exc:  # a bug here must not leave calls waiting on a dead reader
+            log.exception("reading replies from %s:%s failed", self.host, self.port)
             cause = exc
-        self._connection_lost(cause)
+        self._connection_lost(cause, writer)
 
     def _dispatch(self, line: bytes) -> None:
-        try:
-            message = json.loads(line)
-        except ValueError as exc:
-            raise ProtocolViolation(f"the server sent a line that is not JSON: {line[:200]!r}") from exc
+        message = _parse(line)
         if not isinstance(message, dict):
             raise ProtocolViolation(f"the server sent a line that is not an object: {line[:200]!r}")
-        if "event" in message:
+        if "event" in message and "id" not in message and "ok" not in message:  # else a reply, keys ignored
+            if (not isinstance(message["event"], str) or not isinstance(message.get("data"), dict)
+                    or not isinstance(message.get("ts"), str)):
+                raise ProtocolViolation(f"the server sent an event line protocol v1 does not allow: {line[:200]!r}")
             self._on_event(message)
             return
         if not self._pending:
             raise ProtocolViolation(f"a reply arrived with no call waiting: {line[:200]!r}")
         pending = self._pending[0]
+        ok = message.get("ok")
+        if ok is not True and ok is not False:
+            raise ProtocolViolation(f"a reply whose ok is neither true nor false: {line[:200]!r}")
         reply_id = message.get("id")
         # Replies come in request order. A null id on an error is the server saying it could
         # not read the request's id (too_large, bad_request): it still answers the head call.
-        if reply_id != pending.id and not (reply_id is None and message.get("ok") is False):
+        if not _same_id(pending.id, reply_id) and not (reply_id is None and ok is False):
             raise ProtocolViolation(f"reply id {reply_id!r} does not match the call's id {pending.id!r}")
+        if ok and "result" not in message:
+            raise ProtocolViolation(f"a success reply without a result: {line[:200]!r}")
+        error = message.get("error")
+        if not ok and not (isinstance(error, dict) and isinstance(error.get("code"), str)
+                           and isinstance(error.get("message"), str)):
+            raise ProtocolViolation(f"an error reply without a code and a message: {line[:200]!r}")
         self._pending.popleft()
-        if pending.on_ok is not None and message.get("ok") is True:
-            pending.on_ok(message.get("result"))  # even when nobody waits: the server did it
+        if ok and pending.on_ok is not None:
+            pending.on_ok(message["result"])  # even when nobody waits: the server did it
         if pending.future.done():  # timed out or cancelled: nobody waits for this reply
             return
-        if message.get("ok") is True:
-            pending.future.set_result(message.get("result"))
+        if ok:
+            pending.future.set_result(message["result"])
         else:
-            error = message.get("error") or {}
-            pending.future.set_exception(
-                error_for(str(error.get("code", "")), str(error.get("message", "")), pending.request))
+            pending.future.set_exception(error_for(error["code"], error["message"], pending.request))
 
     def _on_event(self, message: dict[str, Any]) -> None:
         if message.get("event") == "shutdown":
@@ -410,7 +543,8 @@ class Client:
             self._event_ready.set()
 
     def _subscribed(self, result: Any) -> None:
-        self._subscription = result if isinstance(result, dict) else {"events": list(EVENT_NAMES), "vm_id": None}
+        known = isinstance(result, dict) and isinstance(result.get("events"), list)  # else what subscribe asks by default
+        self._subscription = result if known else {"events": list(EVENT_NAMES), "vm_id": None}
 
     def _unsubscribed(self, result: Any) -> None:
         self._subscription = None
@@ -427,8 +561,11 @@ class Client:
         if self._event_ready is not None:
             self._event_ready.set()
 
-    def _connection_lost(self, cause: BaseException | None) -> None:
-        if self._lost is not None:
+    def _connection_lost(self, cause: BaseException | None, writer: asyncio.StreamWriter | None) -> None:
+        """End the connection of ``writer`` (if it is still the live one): fail every pending
+        call, drop the socket at once (unsent requests too: a confused stream cannot be
+        trusted with them), and let the event streams finish."""
+        if self._lost is not None or writer is None or writer is not self._writer:
             return
         why = f"connection to {self.host}:{self.port} lost"
         if cause is not None:
@@ -436,8 +573,7 @@ class Client:
         lost = ConnectionLost(why)
         lost.__cause__ = cause
         self._fail_all(lost)
-        if self._writer is not None:
-            self._writer.close()  # a confused stream cannot be trusted with more requests
+        writer.transport.abort()
         self._wake_streams()  # they hand out what is buffered, then end
 
     def _fail_all(self, error: ConnectionLost) -> None:

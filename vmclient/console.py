@@ -174,6 +174,7 @@ class Console:
         self.client: Client | None = None
         self.held: set[str] = set()  # VMs this console connected: a reconnect loses them
         self._sessions = 0
+        self._lost_said = False  # the loss of the current connection was reported
         self.stop_note: str | None = None  # what a Ctrl-C just stopped (watch), for the caller to say
         self._vm_width = render.VM_ID_WIDTH  # the widest vm_id printed in event lines so far
 
@@ -187,27 +188,32 @@ class Console:
     # --- connection ---------------------------------------------------------------------
 
     async def ensure_connected(self) -> Client:
-        """The live client, reconnecting if the last connection dropped.
+        """The live client, reconnecting (a new session) if the last connection dropped.
 
         :raises ConnectError: when the server cannot be reached.
         """
         client = self.client
-        if client is not None:
+        if client is None:
+            client = self.client = Client(self.host, self.port, timeout=self.timeout, **self.client_options)
+        else:
             for _ in range(3):  # let the reader notice a connection that closed while we waited
                 await asyncio.sleep(0)
             if client.connected:
                 return client
-            await client.close()
-            self.client = None
-            self._say_lost()
-        client = await Client(self.host, self.port, timeout=self.timeout, **self.client_options).connect()
-        self.client = client
+            if self._sessions:
+                self._say_lost()
+        await client.connect()
         self._sessions += 1
+        self._lost_said = False
         if self._sessions > 1:
             self.note(f"reconnected to {self.where} (a new session)")
         return client
 
     def _say_lost(self) -> None:
+        """Tell the user, once per lost connection, and which VMs went with it."""
+        if self._lost_said:
+            return
+        self._lost_said = True
         message = f"connection to {self.where} was lost"
         if self.held:
             names = ", ".join(sorted(self.held))
@@ -307,9 +313,7 @@ class Console:
                 os.dup2(devnull, sys.stdout.fileno())
                 os.close(devnull)
             return EXIT_OK
-        await client.close()
-        self.client = None
-        self._say_lost()
+        self._say_lost()  # the next command reconnects
         return EXIT_CONNECTION_ERROR
 
     async def _end_watch(self, client: Client, previous: dict[str, Any] | None) -> str:

@@ -4,9 +4,10 @@
 
     ClientError
      +-- ConnectError        cannot connect (``__cause__`` keeps the OSError)
-     +-- ConnectionLost      the connection dropped; every pending call fails with it
-     +-- CallTimeout         a call's ``timeout=`` ran out (also a TimeoutError)
-     +-- ProtocolViolation   the server sent something protocol v1 does not allow
+     +-- ConnectionLost      the connection dropped; every pending and later call fails with it
+     +-- CallTimeout         a call's ``timeout=`` ran out, sending included (also a TimeoutError)
+     +-- ProtocolViolation   the server sent something protocol v1 does not allow (it ends the
+                             connection: the ``__cause__`` of the calls' ConnectionLost)
      +-- CommandError        the server answered with an error (``.code``, ``.message``, ``.request``)
           +-- BadRequest, TooLarge, UnknownCommand, InvalidArgs, NotFound, AlreadyExists,
               Conflict, NotConnected, NotAuthorized, AuthFailed, Unauthenticated,
@@ -27,15 +28,20 @@ class ConnectError(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The connection ended while calls were pending, or a call was made on a closed client."""
+    """The connection ended while calls were pending, or a call was made on a closed client or
+    one whose connection was lost (``connect()`` makes a new one). ``__cause__`` says why: an
+    OSError, or the :class:`ProtocolViolation` that made the client end it."""
 
 
 class CallTimeout(ClientError, TimeoutError):
-    """No reply within the call's timeout. The connection stays usable."""
+    """The call did not complete within its timeout, which covers sending as well as waiting
+    for the reply. The connection stays usable (see ``Client.request``)."""
 
 
 class ProtocolViolation(ClientError):
-    """The server sent a line this library cannot make sense of."""
+    """The server sent a line this library cannot make sense of (not JSON, nested too deep, a
+    malformed reply or event, a reply nobody waits for, a line over ``max_reply``). The client
+    ends the connection; calls get it as the ``__cause__`` of their ConnectionLost."""
 
 
 class CommandError(ClientError):

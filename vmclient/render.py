@@ -16,11 +16,20 @@ def _yes(value: Any) -> str:
     return "yes" if value is True else "no" if value is False else str(value)
 
 
-def _disks_cell(disks: Sequence[dict[str, Any]]) -> str:
-    """``id:sizeG`` of each disk, as many as fit in _DISKS_WIDTH, then a count of the rest."""
+def _disk(disk: Any, long: bool = False) -> str:
+    if not isinstance(disk, dict):
+        return str(disk)
+    return f"{disk.get('disk_id')} ({disk.get('size')} GiB)" if long else f"{disk.get('disk_id')}:{disk.get('size')}G"
+
+
+def _disks_cell(disks: Any) -> str:
+    """``id:sizeG`` of each disk, as many as fit in _DISKS_WIDTH, then a count of the rest
+    (whatever is not a list of disks is shown as it is: the console never fails on a reply)."""
     if not disks:
         return "-"
-    parts = [f"{d.get('disk_id')}:{d.get('size')}G" for d in disks]
+    if not isinstance(disks, list):
+        return str(disks)
+    parts = [_disk(d) for d in disks]
     for shown in range(len(parts), 0, -1):
         rest = len(parts) - shown
         cell = ",".join(parts[:shown]) + (f",+{rest} more" if rest else "")
@@ -57,12 +66,13 @@ def disk_table(disks: Sequence[dict[str, Any]]) -> str:
 
 def vm_block(vm: dict[str, Any]) -> str:
     disks = vm.get("disks") or []
+    listed = ", ".join(_disk(d, long=True) for d in disks) if isinstance(disks, list) else str(disks)
     fields = [
         ("vm_id", vm.get("vm_id")),
         ("id", vm.get("id")),
         ("ram", f"{vm.get('ram')} MiB"),
         ("cpu", vm.get("cpu")),
-        ("disks", ", ".join(f"{d.get('disk_id')} ({d.get('size')} GiB)" for d in disks) or "none"),
+        ("disks", listed or "none"),
         ("connected", _yes(vm.get("connected"))),
         ("authorized", _yes(vm.get("authorized"))),
         ("last_connected", vm.get("last_connected") or "never"),
@@ -119,20 +129,20 @@ def history_table(entries: Sequence[dict[str, Any]]) -> str:
     return f"{body}\n({len(entries)} event{'s' if len(entries) != 1 else ''})"
 
 
-def _is_history(result: list[Any]) -> bool:
-    return all(isinstance(e, dict) and "event" in e and "ts" in e and "vm_id" in e for e in result)
+def _is_history(result: list[dict[str, Any]]) -> bool:
+    return all("event" in e and "ts" in e and "vm_id" in e for e in result)
 
 
 def human(cmd: str, result: Any) -> str:
     """The result of ``cmd`` as people read it; falls back to indented JSON for shapes it does not know."""
     if isinstance(result, str):
         return result
-    if isinstance(result, list):
+    if isinstance(result, list) and all(isinstance(r, dict) for r in result):  # records: a table
         if cmd == "get_history" or (result and _is_history(result)):
             return history_table(result) if result else "(no events)"
-        if cmd == "get_all_disks" or (result and isinstance(result[0], dict) and "disk_id" in result[0]):
+        if cmd == "get_all_disks" or (result and "disk_id" in result[0]):
             return disk_table(result) if result else "(no disks)"
-        if all(isinstance(v, dict) and "vm_id" in v for v in result):
+        if all("vm_id" in v for v in result):
             return vm_table(result) if result else "(no VMs)"
     if isinstance(result, dict) and "vm_id" in result and "disks" in result:
         return vm_block(result)
@@ -141,7 +151,7 @@ def human(cmd: str, result: Any) -> str:
         what = "all events" if set(names) >= set(EVENT_NAMES) else ", ".join(map(str, names))
         vm_id = result.get("vm_id")
         return f"subscribed to {what}{f' of {vm_id}' if vm_id is not None else ''} (unsubscribe to stop)"
-    if cmd == "stats" and isinstance(result, dict):
+    if cmd == "stats" and isinstance(result, dict) and result:
         width = max(len(k) for k in result) + 1
         units = {"ram": " MiB", "disk_size": " GiB"}
         return "\n".join(f"{k + ':':<{width}} {v}{units.get(k, '')}" for k, v in result.items())
