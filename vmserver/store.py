@@ -161,10 +161,11 @@ class Store:
     """The SQLite file behind the inventory. Not thread-safe: one caller at a time."""
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
-        self.path = path
-        self._lock = self._lock_file(path)
+        self.path = path  # as given: what messages name
+        self.real_path = self._resolve(path)  # what is locked and opened
+        self._lock = self._lock_file(path, self.real_path)
         try:
-            self._db = db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = db = sqlite3.connect(self.real_path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             self._unlock()
             raise StoreError(f"cannot open database {path}: {exc}") from exc
@@ -183,15 +184,45 @@ class Store:
             raise
 
     @staticmethod
-    def _lock_file(path: str) -> int | None:
+    def _resolve(path: str) -> str:
+        """The database file's one true name, however it is spelled (relative, ``..``, symlinks).
+
+        ``file:`` URIs are refused rather than opened: their parameters (``mode=ro``,
+        ``mode=memory``, ``immutable=1``, ``nolock=1``, ``vfs=``) can switch off the very
+        locking, durability and sharing this server relies on, and a plain path says all that
+        is needed. (SQLite reads ``file:`` names as URIs even without ``uri=True``.)
+
+        :raises StoreError: a URI, an empty path, or a file with several hard links.
+        """
+        if path == ":memory:":
+            return path
+        if not path:
+            raise StoreError("cannot open database: the path is empty")
+        if path.startswith("file:"):
+            raise StoreError(f"cannot open database {path}: file: URIs are not supported, give the file's path "
+                             f"(a file whose name starts with 'file:' can be given as ./{path})")
+        real = os.path.realpath(path)
+        try:
+            links = os.stat(real).st_nlink
+        except OSError:
+            links = 1  # not there yet (SQLite creates it), or unreadable (SQLite says why)
+        if links > 1:
+            # SQLite keeps the WAL beside the name it opened: two names, two WALs for one file.
+            raise StoreError(f"cannot open database {path}: the file has {links} hard links; "
+                             "SQLite cannot share one database between several names (use a symlink)")
+        return real
+
+    @staticmethod
+    def _lock_file(path: str, real_path: str) -> int | None:
         """Hold ``<db>.lock`` exclusively: the in-memory mirror is only right if we are the sole writer.
 
-        A separate file, because closing any descriptor of the database file itself would drop
-        SQLite's own POSIX locks.
+        Named after the resolved path, so another spelling of the same file (a symlink, a
+        relative path) meets the same lock. A separate file, because closing any descriptor of
+        the database file itself would drop SQLite's own POSIX locks.
         """
-        if path == ":memory:" or path.startswith("file:"):
+        if real_path == ":memory:":
             return None
-        lock_path = f"{path}.lock"
+        lock_path = f"{real_path}.lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
