@@ -535,7 +535,7 @@ async def test_history_records_who_did_what_newest_first(server, connect):
     assert [(r["vm_id"], r["event"], r["peer"]) for r in without_close] == \
         [(v, e, p) for v, e, p, _ in expected if not (e == "vm_disconnected" and v == "h-2")]
     for r in rows:
-        extra = {"vm_disconnected": {"reason"}, "auth_failed": {"command"}}.get(r["event"], set())
+        extra = {"vm_disconnected": {"reason"}, "auth_failed": {"command", "count"}}.get(r["event"], set())
         assert set(r) == {"id", "ts", "vm_id", "event", "peer"} | extra, r
         assert TS.fullmatch(r["ts"]) and type(r["id"]) is int
     ids = [r["id"] for r in rows]

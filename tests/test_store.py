@@ -75,14 +75,15 @@ def test_new_file_is_created_and_migrated(path):
         assert s.load() == ([], [])
     finally:
         s.close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert pragma(path, "user_version") == SCHEMA_VERSION
     con = sqlite3.connect(path)
     try:
         names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table','index')")}
     finally:
         con.close()
-    assert {"vms", "disks", "disks_by_vm", "history", "history_by_vm", "history_by_ts"} <= names
+    assert {"vms", "disks", "disks_by_vm", "history", "history_by_vm", "history_by_ts", "history_by_event",
+            "history_by_vm_event"} <= names
 
 
 def test_version_1_file_is_migrated_and_keeps_its_data(path):
@@ -99,11 +100,11 @@ def test_version_1_file_is_migrated_and_keeps_its_data(path):
     try:
         vms, disks = s.load()
         assert [(v.vm_id, v.ram) for v in vms] == [("old", 512)] and [d.disk_id for d in disks] == ["old-d"]
-        s.write("history", sql.append_history, [(NOW, "old", "vm_connected", "127.0.0.1:1", None)])
+        s.write("history", sql.append_history, [(NOW, "old", "vm_connected", "127.0.0.1:1", None, None)])
         assert s.write("read", sql.read_history, "old", None, None, None, 10)[0][1:4] == (NOW, "old", "vm_connected")
     finally:
         s.close()
-    assert pragma(path, "user_version") == 2
+    assert pragma(path, "user_version") == SCHEMA_VERSION
 
 
 def test_blank_file_is_migrated_with_wal(path):

@@ -10,6 +10,7 @@ each check-and-claim is atomic with respect to every session.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -119,8 +120,13 @@ def _log_failure(future: Any) -> None:
         log.error("history not recorded: %s", future.exception())
 
 
-def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None = None) -> sql.HistoryRow:
-    return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason)
+def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None = None,
+                 count: int | None = None) -> sql.HistoryRow:
+    return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason, count)
+
+
+PRUNE_BATCH = 1000  # history rows deleted per write job: each is a short transaction
+JOURNAL_WAIT = 10.0  # at most this long a history read waits for journaled rows to be written
 
 
 class Inventory:
@@ -145,6 +151,7 @@ class Inventory:
         self._disk_totals = self._disk_blocks.view(lambda disks: (len(disks), sum(d.size for d in disks)))
         # Called as listener(event, vm, reason) after each change is visible (live events).
         self.listeners: list[Callable[[str, VM, str | None], None]] = []
+        self._journal_tail: asyncio.Future[Any] | None = None  # the last history row journaled
         self._load()
 
     def start(self, loop: Any) -> None:
@@ -192,6 +199,7 @@ class Inventory:
         row = _history_row(event, vm.vm_id, actor, reason)
         future = self.writer.submit(f"history {event} {vm.vm_id}", sql.append_history, (row,))
         future.add_done_callback(_log_failure)
+        self._journal_tail = future
         self._announce(event, vm, reason)
 
     # --- lookups ----------------------------------------------------------------------
@@ -507,18 +515,42 @@ class Inventory:
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:
-        """History rows, newest first, as a JSON array (read through the writer: it owns the file)."""
-        rows = await self.writer.submit("read history", sql.read_history, vm_id, event, since, before, limit)
+        """History rows, newest first, as a JSON array.
+
+        Read on a reader connection, never through the writer: a slow read holds up no write.
+        It waits first for the presence rows already journaled (they are not awaited when
+        written), so a session reads its own changes, as it would with one connection.
+        """
+        tail = self._journal_tail
+        if tail is not None and not tail.done():
+            await asyncio.wait((tail,), timeout=JOURNAL_WAIT)
+        rows = await self._read("read history", sql.read_history, vm_id, event, since, before, limit)
         out = []
-        for id, ts, vm_id, event, peer, reason in rows:
+        for id, ts, vm_id, event, peer, reason, count in rows:
             entry: dict[str, Any] = {"id": id, "ts": ts, "vm_id": vm_id, "event": event, "peer": peer}
             if reason is not None:  # as in the live event: why it disconnected, or which command failed
                 entry["command" if event == "auth_failed" else "reason"] = reason
+            if event == "auth_failed":
+                entry["count"] = 1 if count is None else count
             out.append(entry)
         return dumps(out)
 
-    async def prune_history(self, before: str) -> int:
-        return await self.writer.submit("prune history", sql.prune_history, before)
+    async def _read(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        readers = self.store.readers
+        if readers is None:  # :memory: has no second connection to read it: the writer reads
+            return await self.writer.submit(what, fn, *args)
+        return await asyncio.wrap_future(readers.submit(what, fn, *args))
+
+    async def prune_history(self, before: str, batch: int = PRUNE_BATCH) -> int:
+        """Delete the history older than ``before`` in batches, each its own short write job, so
+        writes queued meanwhile go between them; returns how many rows went."""
+        total = 0
+        while True:
+            pruned = await self.writer.submit("prune history", sql.prune_history, before, batch)
+            total += pruned
+            if pruned < batch:
+                return total
+            await asyncio.sleep(0)  # let the sessions run before the next batch is queued
 
     def close(self) -> None:
         """Let the writer finish what is queued, then close the database."""
