@@ -178,19 +178,20 @@ async def test_events_follow_operations_in_order(server, connect):
     r = await a.ok("disconnect_vm", vm_id="e-2")
     expected.append(("vm_disconnected", {**r, "reason": "request"}))
 
-    # Wrong passwords: auth_failed with the record and the command that failed.
+    # Wrong passwords: auth_failed with the record, the command that failed and a count. The
+    # first at once; the next ones (within the interval) are counted, and announced as one
+    # when the interval ends, or, as here, just before the VM is removed.
     r = await a.ok("add_vm", vm_id="e-3", ram=256, cpu=1, disks=[], password="pw-secret-e3")
     expected.append(("vm_added", r))
     assert await a.error("connect_vm", vm_id="e-3", password="pw-wrong-1") == "auth_failed"
-    expected.append(("auth_failed", {**await a.ok("get_vm", vm_id="e-3"), "command": "connect_vm"}))
+    expected.append(("auth_failed", {**await a.ok("get_vm", vm_id="e-3"), "command": "connect_vm", "count": 1}))
     r = await a.ok("connect_vm", vm_id="e-3", password="pw-secret-e3")
     expected.append(("vm_connected", r))
     assert await a.error("authorize_vm", vm_id="e-3", password="pw-wrong-2") == "auth_failed"
-    expected.append(("auth_failed", {**await a.ok("get_vm", vm_id="e-3"), "command": "authorize_vm"}))
     r = await a.ok("disconnect_vm", vm_id="e-3")
     expected.append(("vm_disconnected", {**r, "reason": "request"}))
     assert await a.error("remove_vm", vm_id="e-3", password="pw-wrong-3") == "auth_failed"
-    expected.append(("auth_failed", {**await a.ok("get_vm", vm_id="e-3"), "command": "remove_vm"}))
+    expected.append(("auth_failed", {**await a.ok("get_vm", vm_id="e-3"), "command": "remove_vm", "count": 2}))
     r = await a.ok("remove_vm", vm_id="e-3", password="pw-secret-e3")
     expected.append(("vm_removed", r))
 
@@ -203,7 +204,9 @@ async def test_events_follow_operations_in_order(server, connect):
 
 
 async def test_missing_password_is_an_auth_failed_event(server, connect):
-    """protocol.md: auth_failed is "a wrong or missing password for it"."""
+    """protocol.md: auth_failed is "a wrong or missing password for it"; the first of a burst
+    at once, the others of the interval together when it ends."""
+    server.inventory.auth_failed_interval = 0.3
     w, a = await connect(), await connect()
     await a.ok("add_vm", vm_id="mp-1", ram=1, cpu=1, disks=[], password="pw-secret-mp")
     await w.ok("subscribe", events=["auth_failed"])
@@ -211,11 +214,12 @@ async def test_missing_password_is_an_auth_failed_event(server, connect):
     assert await a.error("connect_vm", vm_id="mp-1") == "auth_failed"
     assert await a.error("remove_vm", vm_id="mp-1") == "auth_failed"
     events, _ = await events_until_reply(w)
-    assert [(e["event"], e["data"]) for e in events] == [
-        ("auth_failed", {**record, "command": "connect_vm"}), ("auth_failed", {**record, "command": "remove_vm"})]
+    assert [(e["event"], e["data"]) for e in events] == [("auth_failed", {**record, "command": "connect_vm", "count": 1})]
+    later = check_event(json.loads(await w.recv_line()))  # when the interval ends
+    assert (later["event"], later["data"]) == ("auth_failed", {**record, "command": "remove_vm", "count": 1})
     rows = await history(a, event="auth_failed")
-    assert [(r["vm_id"], r["command"], r["peer"]) for r in rows] == [
-        ("mp-1", "remove_vm", peer_of(a)), ("mp-1", "connect_vm", peer_of(a))]
+    assert [(r["vm_id"], r["command"], r["peer"], r["count"]) for r in rows] == [
+        ("mp-1", "remove_vm", peer_of(a), 1), ("mp-1", "connect_vm", peer_of(a), 1)]
 
 
 # --- 2. filters, resubscribing, unsubscribing ---------------------------------------------
@@ -717,3 +721,4 @@ async def test_a_listening_subscriber_is_not_idle(db_path):
         assert event["event"] == "vm_added" and event["data"]["vm_id"] == "late"
         for w in (listener, idler, actor):
             await w.close()
+

@@ -127,6 +127,36 @@ def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None
 
 PRUNE_BATCH = 1000  # history rows deleted per write job: each is a short transaction
 JOURNAL_WAIT = 10.0  # at most this long a history read waits for journaled rows to be written
+AUTH_FAILED_INTERVAL = 10.0  # seconds over which a VM's failed password checks make one history row
+
+
+class _Burst:
+    """A VM's failed password checks since its last auth_failed row, not recorded yet."""
+
+    __slots__ = ("vm", "count", "peer", "command", "timer")
+
+    def __init__(self, vm: VM, timer: asyncio.TimerHandle) -> None:
+        self.vm, self.timer = vm, timer
+        self.count = 0
+        self.peer: str | None = None  # of the last of them
+        self.command: str | None = None
+
+
+class _Counted:
+    """A VM as listeners see it for an auth_failed event: its record plus ``"count"``.
+
+    Listeners take (event, vm, reason) and send ``vm.json()`` with the reason added; this
+    adds the count without changing that interface.
+    """
+
+    __slots__ = ("vm_id", "_json")
+
+    def __init__(self, vm: VM, count: int) -> None:
+        self.vm_id = vm.vm_id
+        self._json = vm.json()[:-1] + b',"count":%d}' % count
+
+    def json(self) -> bytes:
+        return self._json
 
 
 class Inventory:
@@ -152,6 +182,9 @@ class Inventory:
         # Called as listener(event, vm, reason) after each change is visible (live events).
         self.listeners: list[Callable[[str, VM, str | None], None]] = []
         self._journal_tail: asyncio.Future[Any] | None = None  # the last history row journaled
+        self.auth_failed_interval = AUTH_FAILED_INTERVAL
+        self._bursts: dict[str, _Burst] = {}  # by vm_id: failed password checks being counted
+        self._closed = False  # close() has recorded what was pending
         self._load()
 
     def start(self, loop: Any) -> None:
@@ -191,16 +224,49 @@ class Inventory:
                 log.exception("event listener failed on %s %s", event, vm.vm_id)
 
     def journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
-        """Record in the history, and announce, what has no write of its own: presence changes,
-        and failed password checks.
+        """Record in the history, and announce, what has no write of its own: presence changes.
 
         Not awaited: the reply does not wait for the history row, and a failed row is logged.
         """
-        row = _history_row(event, vm.vm_id, actor, reason)
-        future = self.writer.submit(f"history {event} {vm.vm_id}", sql.append_history, (row,))
+        self._record(_history_row(event, vm.vm_id, actor, reason))
+        self._announce(event, vm, reason)
+
+    def _record(self, row: sql.HistoryRow) -> None:
+        future = self.writer.submit(f"history {row[2]} {row[1]}", sql.append_history, (row,))
         future.add_done_callback(_log_failure)
         self._journal_tail = future
-        self._announce(event, vm, reason)
+
+    def auth_failed(self, vm: VM, actor: Owner, command: str) -> None:
+        """A wrong or missing password for ``vm``: recorded and announced at once the first time;
+        those that follow within ``auth_failed_interval`` are counted and recorded together, as
+        one row and one event with their count, when the interval ends (a flood of guesses is a
+        row every interval, not a row each)."""
+        burst = self._bursts.get(vm.vm_id)
+        if burst is None:
+            self._record_failures(vm, actor.name, command, 1)
+            self._open_burst(vm)
+        else:
+            burst.vm, burst.peer, burst.command = vm, actor.name, command
+            burst.count += 1
+
+    def _open_burst(self, vm: VM) -> None:
+        timer = asyncio.get_running_loop().call_later(self.auth_failed_interval, self._end_burst, vm.vm_id, True)
+        self._bursts[vm.vm_id] = _Burst(vm, timer)
+
+    def _end_burst(self, vm_id: str, again: bool = False) -> None:
+        """Record the failures counted for ``vm_id``, if any; ``again``: and count on for another interval."""
+        burst = self._bursts.pop(vm_id, None)
+        if burst is None:
+            return
+        burst.timer.cancel()
+        if burst.count:
+            self._record_failures(burst.vm, burst.peer, burst.command, burst.count)
+            if again:
+                self._open_burst(burst.vm)
+
+    def _record_failures(self, vm: VM, peer: str | None, command: str | None, count: int) -> None:
+        self._record((utc_now(), vm.vm_id, "auth_failed", peer, command, count))
+        self._announce("auth_failed", _Counted(vm, count), command)  # type: ignore[arg-type]
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -426,6 +492,7 @@ class Inventory:
         if vm_id in self._reserved_vm_ids:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed by another session")
         self._reserved_vm_ids.add(vm_id)
+        self._end_burst(vm_id)  # its failed password checks go in the history before its removal
 
         def committed(_: None) -> VM:
             self._reserved_vm_ids.discard(vm_id)
@@ -553,7 +620,10 @@ class Inventory:
             await asyncio.sleep(0)  # let the sessions run before the next batch is queued
 
     def close(self) -> None:
-        """Let the writer finish what is queued, then close the database."""
+        """Record the failed password checks still being counted, let the writer finish what is
+        queued, then close the database."""
+        for vm_id in list(self._bursts):
+            self._end_burst(vm_id)
         self.writer.close()
         self.store.close()
         w = self.writer
