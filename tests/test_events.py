@@ -722,3 +722,28 @@ async def test_a_listening_subscriber_is_not_idle(db_path):
         for w in (listener, idler, actor):
             await w.close()
 
+
+async def test_presence_changes_after_the_writer_stopped_are_answered_as_made(db_path, caplog):
+    """A presence change is made in memory first, then journaled. Once the writer takes no more
+    rows (as at the very end of a shutdown), the change stays made and is answered as made; the
+    missing row is logged. A session ending then still releases every VM it held."""
+    async with running(db_path) as srv:
+        a, b = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
+        for vm_id in ("late-1", "late-2", "late-3"):
+            await a.ok("connect_vm", **vm_args(vm_id, f"{vm_id}-d"))
+        await a.ok("authorize_vm", vm_id="late-1")
+        srv.inventory.writer.close()
+        assert (await a.ok("deauthorize_vm", vm_id="late-1"))["authorized"] is False
+        assert (await a.ok("authorize_vm", vm_id="late-1"))["authorized"] is True
+        assert (await a.ok("disconnect_vm", vm_id="late-1"))["connected"] is False
+        assert {vm["vm_id"] for vm in await b.ok("get_connected_vms")} == {"late-2", "late-3"}
+        await a.close()
+        end = time.monotonic() + 5
+        while await b.ok("get_connected_vms"):
+            assert time.monotonic() < end, "the ended session's VMs were not all released"
+            await asyncio.sleep(0.02)
+        assert await b.ok("health") == "OK"
+        await b.close()
+    assert "history not recorded (vm_deauthorized late-1)" in caplog.text
+    assert "history not recorded (vm_disconnected late-3)" in caplog.text
+    assert "Traceback" not in caplog.text

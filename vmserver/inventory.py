@@ -22,7 +22,7 @@ from . import store as sql
 from .errors import CommandError, ErrorCode
 from .listing import Blocks, Encoded, json_list
 from .protocol import dumps, utc_now
-from .store import Store
+from .store import Store, StoreError
 from .validation import DiskSpec
 from .writer import DEFAULT_MAX_BATCH, GroupCommitter
 
@@ -184,7 +184,12 @@ class Inventory:
         self._journal_tail: asyncio.Future[Any] | None = None  # the last history row journaled
         self.auth_failed_interval = AUTH_FAILED_INTERVAL
         self._bursts: dict[str, _Burst] = {}  # by vm_id: failed password checks being counted
+        # connect_vm of a new VM: the session registering it, and, if that session ended before
+        # the commit, why (the vm_disconnected row that must follow the stored connect)
+        self._registering: dict[str, Owner] = {}
+        self._orphaned: dict[str, str] = {}
         self._closed = False  # close() has recorded what was pending
+        self._store_closed = False
         self._load()
 
     def start(self, loop: Any) -> None:
@@ -226,13 +231,19 @@ class Inventory:
     def journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
         """Record in the history, and announce, what has no write of its own: presence changes.
 
-        Not awaited: the reply does not wait for the history row, and a failed row is logged.
+        Not awaited: the reply does not wait for the history row. Never raises: the change is
+        already made in memory, so it stays made and is answered as made; a row the writer
+        refuses (the server is stopping) or fails to write is logged.
         """
         self._record(_history_row(event, vm.vm_id, actor, reason))
         self._announce(event, vm, reason)
 
     def _record(self, row: sql.HistoryRow) -> None:
-        future = self.writer.submit(f"history {row[2]} {row[1]}", sql.append_history, (row,))
+        try:
+            future = self.writer.submit(f"history {row[2]} {row[1]}", sql.append_history, (row,))
+        except StoreError as exc:
+            log.error("history not recorded (%s %s): %s", row[2], row[1], exc)
+            return
         future.add_done_callback(_log_failure)
         self._journal_tail = future
 
@@ -322,12 +333,17 @@ class Inventory:
         def unreserve() -> None:
             self._reserved_vm_ids.discard(vm_id)
             self._reserved_disk_ids.difference_update(disk_ids)
+            if owner is not None:
+                self._registering.pop(vm_id, None)
 
         now = utc_now()
         last_connected = now if owner is not None else None
+        if owner is not None:
+            self._registering[vm_id] = owner
 
         def committed(result: tuple[int, list[int]]) -> VM:
             unreserve()
+            ended = self._orphaned.pop(vm_id, None) if owner is not None else None
             vm_pk, disk_pks = result
             vm = VM(vm_pk, vm_id, ram, cpu, password_hash, last_connected)
             for pk, spec in zip(disk_pks, disks):
@@ -342,6 +358,11 @@ class Inventory:
             if owner is not None and not owner.ended:
                 self._bind(vm, owner)
                 self._announce("vm_connected", vm)
+            elif owner is not None:
+                # The session ended while its connect was being committed: the stored connect is
+                # followed by its end, so the history says what happened. No event: to the live
+                # view it was never connected.
+                self._record(_history_row("vm_disconnected", vm_id, owner, ended or "session_closed"))
             return vm
 
         who = owner or actor
@@ -349,7 +370,7 @@ class Inventory:
         return await self.writer.submit(
             f"add {vm_id}", sql.with_history, sql.insert_vm, args,
             [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else []),
-            on_commit=committed, on_fail=unreserve)
+            on_commit=committed, on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
 
     async def connect(self, vm_id: str, owner: Owner) -> VM:
         """Bind a known VM to ``owner`` (idempotent for the same owner) and record last_connected.
@@ -532,6 +553,9 @@ class Inventory:
         ``reason``: session_closed, timeout or shutdown (the vm_disconnected event's reason).
         """
         owner.ended = True
+        for vm_id, registrant in self._registering.items():
+            if registrant is owner:  # its connect_vm of a new VM is still being committed
+                self._orphaned[vm_id] = reason
         released = []
         for vm_id in list(owner.vms):
             vm = self._vms.get(vm_id)
@@ -619,12 +643,28 @@ class Inventory:
                 return total
             await asyncio.sleep(0)  # let the sessions run before the next batch is queued
 
-    def close(self) -> None:
-        """Record the failed password checks still being counted, let the writer finish what is
-        queued, then close the database."""
-        for vm_id in list(self._bursts):
-            self._end_burst(vm_id)
-        self.writer.close()
+    def close(self, timeout: float = 10.0) -> None:
+        """Record what is still pending, let the writer finish what is queued, close the database.
+
+        Pending: failed password checks being counted, and VMs still held by sessions that
+        have not ended yet (cut off at shutdown): they are disconnected here with reason
+        ``shutdown``, so that their rows are written before the writer stops. If the writer is
+        still busy after ``timeout`` (a write stuck on a lock), the database is left open
+        rather than closed under it; calling close() again tries again.
+        """
+        if not self._closed:
+            self._closed = True
+            for vm_id in list(self._bursts):
+                self._end_burst(vm_id)
+            for owner in {vm.owner for vm in self._vms.values() if vm.owner is not None}:
+                self.release(owner, "shutdown")
+        self.writer.close(timeout)
+        if self.writer._thread.is_alive():  # the join timed out
+            log.error("database %s left open: the writer is still using it", self.store.path)
+            return
+        if self._store_closed:
+            return
+        self._store_closed = True
         self.store.close()
         w = self.writer
         if w.writes:  # how well group commit batched: writes per transaction (per fsync)
