@@ -281,6 +281,7 @@ def remove_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 async def _remove(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
     if vm.password_hash is not None:
         await _check_password(ctx, session, vm, password, "remove_vm")
+    ctx.inventory.record_auth_failures(vm.vm_id)  # in the history before the removal, not after
     removed = await ctx.inventory.remove(vm.vm_id, actor=session)
     ctx.attempts.forget(vm.vm_id)
     return removed.json()

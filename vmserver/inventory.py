@@ -260,6 +260,10 @@ class Inventory:
             burst.vm, burst.peer, burst.command = vm, actor.name, command
             burst.count += 1
 
+    def record_auth_failures(self, vm_id: str) -> None:
+        """Record now the failed password checks still being counted for ``vm_id`` (before a removal)."""
+        self._end_burst(vm_id)
+
     def _open_burst(self, vm: VM) -> None:
         timer = asyncio.get_running_loop().call_later(self.auth_failed_interval, self._end_burst, vm.vm_id, True)
         self._bursts[vm.vm_id] = _Burst(vm, timer)
@@ -513,7 +517,6 @@ class Inventory:
         if vm_id in self._reserved_vm_ids:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed by another session")
         self._reserved_vm_ids.add(vm_id)
-        self._end_burst(vm_id)  # its failed password checks go in the history before its removal
 
         def committed(_: None) -> VM:
             self._reserved_vm_ids.discard(vm_id)
