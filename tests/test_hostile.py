@@ -407,17 +407,100 @@ async def test_deep_nesting_is_answered(server: Server, wire: Wire, bystander: W
 async def test_nesting_just_under_the_decoder_limit_is_echoed_or_refused(
         server: Server, wire: Wire, bystander: Wire) -> None:
     """Ids nested 900..1000 deep sit at the edge of the decoder's (and encoder's) recursion
-    limit: each is answered with one line, either its id echoed or bad_request."""
-    for depth in range(900, 1001, 4):
+    limit: each is answered with one line, either its id echoed or bad_request (since ids are
+    limited to 32 levels, always bad_request)."""
+    for depth in range(900, 1001):  # every depth: the encoder fails at one or two of them only
         rid = "[" * depth + "]" * depth
         await wire.send(envelope("health", "{}", rid))
         line = await wire.recv_line()  # compared as bytes: decoding it here could hit our own limit
+        assert line.endswith(b"\n"), f"no reply at depth {depth}: {line[:80]!r}"
         if line.startswith(b'{"id":['):
             assert line == b'{"id":' + rid.encode() + b',"ok":true,"result":"OK"}\n', depth
         else:
             reply = json.loads(line)
             check_reply_shape(reply)
             assert reply["error"]["code"] == "bad_request" and reply["id"] is None, (depth, reply)
+    await assert_unharmed(server, bystander, wire)
+
+
+MAX_ID_DEPTH = 32  # protocol.md: an id may nest arrays and objects at most 32 levels deep
+
+
+def _nested_id(depth: int, shape: str) -> str:
+    if depth == 0:
+        return "0"
+    if shape == "arrays":
+        return "[" * depth + "]" * depth
+    if shape == "objects":
+        return '{"a":' * depth + "1" + "}" * depth
+    return '[{"a":' * (depth // 2) + ("[]" if depth % 2 else "null") + "}]" * (depth // 2)  # mixed
+
+
+@pytest.mark.parametrize("shape", ["arrays", "objects", "mixed"])
+async def test_every_id_depth_gets_exactly_one_reply(server: Server, wire: Wire, bystander: Wire,
+                                                     shape: str) -> None:
+    """Every depth from 0 to past the decoder's own limit: an id up to 32 levels is echoed
+    exactly, a deeper one is bad_request with a null id. Before the fix some depth just under
+    the decoder's limit (982 arrays, say) parsed, then could not be encoded: no reply, the
+    session dropped. Pipelined in batches, and each reply read as bytes (our own decoder has
+    a recursion limit too)."""
+    depths = list(range(0, 1200))
+    for start in range(0, len(depths), 100):
+        batch = depths[start:start + 100]
+        await wire.send_raw(b"".join(envelope("health", "{}", _nested_id(d, shape)).encode() + b"\n"
+                                     for d in batch))
+        for depth in batch:
+            line = await wire.recv_line()
+            assert line.endswith(b"\n"), (depth, line[:100])
+            if depth <= MAX_ID_DEPTH:
+                rid = _nested_id(depth, shape)
+                assert line == b'{"id":' + json.dumps(json.loads(rid), separators=(",", ":")).encode() \
+                    + b',"ok":true,"result":"OK"}\n', depth
+            else:
+                reply = json.loads(line)
+                check_reply_shape(reply)
+                assert reply["id"] is None and reply["error"]["code"] == "bad_request", (depth, reply)
+    await assert_unharmed(server, bystander, wire)
+
+
+@pytest.mark.parametrize("template", [
+    '{"cmd":1,"id":%s}', '{"id":%s}', '{"cmd":"health","args":[],"id":%s}', '{"cmd":"health","x":1,"id":%s}',
+    '{"cmd":"nope","id":%s}', '{"cmd":"add_vm","args":{"ram":"x"},"id":%s}', '{"cmd":"get_all_vms","id":%s}',
+], ids=["cmd-not-string", "no-cmd", "args-not-object", "unknown-key", "unknown-command", "invalid-args", "ok"])
+async def test_a_deep_id_is_refused_on_every_path(server: Server, wire: Wire, bystander: Wire,
+                                                  template: str) -> None:
+    """Every reply echoes the id, the error replies too: a too-deep id is refused before any of them."""
+    for depth in range(MAX_ID_DEPTH + 1, 1100, 7):
+        await wire.send(template % _nested_id(depth, "arrays"))
+        message = await expect_error(wire, "bad_request")
+        # our limit, or (past ~990 levels) the decoder's own
+        assert f"'id' is nested deeper than {MAX_ID_DEPTH} levels" in message or "nested too deeply" in message, \
+            (depth, message)
+    await assert_unharmed(server, bystander, wire)
+
+
+@pytest.mark.parametrize("rid,expected", [
+    ('"\\ud800"', b'"\\ud800"'),  # a lone surrogate: escaped, like every non-ASCII character
+    ('"\\udfff\\ud800x"', b'"\\udfff\\ud800x"'),
+    ('"\\u2028"', b'"\\u2028"'),
+    ('"\\u0000"', b'"\\u0000"'),
+    ("-" + "9" * 4300, b"-" + b"9" * 4300),  # the longest integer the decoder reads
+    ('{"a":' + '"' + "x" * 100_000 + '"}', b'{"a":"' + b"x" * 100_000 + b'"}'),
+], ids=["surrogate", "surrogates-reversed", "line-separator", "nul", "4300-digits-negative", "long-string"])
+async def test_awkward_ids_are_echoed(server: Server, wire: Wire, bystander: Wire, rid: str,
+                                      expected: bytes) -> None:
+    await wire.send(envelope("health", "{}", rid))
+    assert await wire.recv_line() == b'{"id":' + expected + b',"ok":true,"result":"OK"}\n'
+    await wire.send('{"cmd":"nope","id":' + rid + "}")  # the error path echoes it the same way
+    assert (await wire.recv_line()).startswith(b'{"id":' + expected + b',"ok":false')
+    await assert_unharmed(server, bystander, wire)
+
+
+async def test_integer_longer_than_the_limit_is_bad_request_in_plain_words(
+        server: Server, wire: Wire, bystander: Wire) -> None:
+    for line in (envelope("health", "{}", "1" * 4301), envelope("add_vm", '{"ram":' + "1" * 5000 + "}")):
+        message = await send_expect(wire, line, "bad_request")
+        assert message == "not valid JSON: an integer longer than 4300 digits", message
     await assert_unharmed(server, bystander, wire)
 
 

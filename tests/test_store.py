@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,14 +76,15 @@ def test_new_file_is_created_and_migrated(path):
         assert s.load() == ([], [])
     finally:
         s.close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert pragma(path, "user_version") == SCHEMA_VERSION
     con = sqlite3.connect(path)
     try:
         names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table','index')")}
     finally:
         con.close()
-    assert {"vms", "disks", "disks_by_vm", "history", "history_by_vm", "history_by_ts"} <= names
+    assert {"vms", "disks", "disks_by_vm", "history", "history_by_vm", "history_by_ts", "history_by_event",
+            "history_by_vm_event"} <= names
 
 
 def test_version_1_file_is_migrated_and_keeps_its_data(path):
@@ -99,11 +101,11 @@ def test_version_1_file_is_migrated_and_keeps_its_data(path):
     try:
         vms, disks = s.load()
         assert [(v.vm_id, v.ram) for v in vms] == [("old", 512)] and [d.disk_id for d in disks] == ["old-d"]
-        s.write("history", sql.append_history, [(NOW, "old", "vm_connected", "127.0.0.1:1", None)])
+        s.write("history", sql.append_history, [(NOW, "old", "vm_connected", "127.0.0.1:1", None, None)])
         assert s.write("read", sql.read_history, "old", None, None, None, 10)[0][1:4] == (NOW, "old", "vm_connected")
     finally:
         s.close()
-    assert pragma(path, "user_version") == 2
+    assert pragma(path, "user_version") == SCHEMA_VERSION
 
 
 def test_blank_file_is_migrated_with_wal(path):
@@ -507,3 +509,113 @@ async def test_inventory_matches_a_fresh_load_after_many_operations(inventory, p
         assert inventory.all_vms_json() == fresh.all_vms_json()
         assert inventory.all_disks_json() == fresh.all_disks_json()
         assert fresh.connected_vms_json() == b"[]" and fresh.authorized_vms_json() == b"[]"
+
+
+# --- stored facts match what happened (presence at the edges, shutdown) ---------------------------
+
+
+class HeldWriter:
+    """The writer thread busy with a real write job that waits until released."""
+
+    def __init__(self, inv: Inventory) -> None:
+        self.gate, self.started = threading.Event(), threading.Event()
+
+        def hold(db: sqlite3.Connection) -> None:
+            self.started.set()
+            assert self.gate.wait(30), "never released"
+
+        self.future = inv.writer.submit("held write", hold)
+
+    async def running(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 10), "the held write never started"
+
+    async def release(self) -> None:
+        self.gate.set()
+        await self.future
+
+
+def stored_history(path: str, vm_id: str) -> list[tuple]:
+    """(event, peer, reason) of ``vm_id``'s history in the file, newest first."""
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT event, peer, reason FROM history WHERE vm_id = ? ORDER BY id DESC",
+                           (vm_id,)).fetchall()
+    finally:
+        con.close()
+
+
+async def test_connect_of_a_new_vm_whose_session_ended_before_the_commit(inventory, path):
+    """connect_vm of a new VM commits vm_added and vm_connected together; if the session ends
+    before that commit, the VM is not bound to it, and a vm_disconnected row (with why it
+    ended) follows, so the history says it connected and went. No presence events: to the
+    live view it was never connected."""
+    events: list[tuple] = []
+    inventory.listeners.append(lambda event, vm, reason: events.append((event, vm.vm_id, reason)))
+    owner = Session("127.0.0.1:1")
+    held = HeldWriter(inventory)
+    await held.running()
+    adding = asyncio.create_task(inventory.add("orphan", 64, 1, (DiskSpec("orphan-d", 1),), None, owner=owner))
+    await asyncio.sleep(0)  # the add is queued behind the held write
+    assert inventory.release(owner, "shutdown") == []  # nothing bound yet
+    await held.release()
+    vm = await adding
+    await settled(inventory)
+    assert vm.owner is None and owner.vms == set() and inventory.connected_vms_json() == b"[]"
+    assert stored_history(path, "orphan") == [
+        ("vm_disconnected", "127.0.0.1:1", "shutdown"), ("vm_connected", "127.0.0.1:1", None),
+        ("vm_added", "127.0.0.1:1", None)]
+    assert events == [("vm_added", "orphan", None)]
+    assert vm.last_connected is not None  # it was connected, for no time at all
+    assert reloaded_state(path) == persistent_state(inventory)
+
+
+async def test_a_registration_that_fails_leaves_no_orphan_mark(inventory, path):
+    owner = Session("s1")
+    await settled(inventory)
+    with writer_lock(path):
+        adding = asyncio.create_task(inventory.add("fails", 64, 1, (), None, owner=owner))
+        await asyncio.sleep(0)
+        inventory.release(owner)
+        with pytest.raises(StoreError):
+            await adding
+    again = Session("s2")
+    vm = await inventory.add("fails", 64, 1, (), None, owner=again)
+    assert vm.owner is again
+    await settled(inventory)
+    assert stored_history(path, "fails") == [("vm_connected", "s2", None), ("vm_added", "s2", None)]
+
+
+async def test_close_disconnects_what_sessions_still_hold_and_stores_it(path):
+    """Sessions cut off at shutdown may not have ended when the inventory closes: their VMs
+    are disconnected then (reason shutdown) and the rows written before the writer stops."""
+    inv = Inventory(Store(path, busy_timeout_ms=100))
+    inv.start(asyncio.get_running_loop())
+    straggler = Session("127.0.0.1:2")
+    await inv.add("held-1", 64, 1, (), None, owner=straggler)
+    await inv.add("held-2", 64, 1, (), None, owner=straggler)
+    inv.authorize("held-1", straggler)
+    inv.close()
+    assert straggler.ended and straggler.vms == set()
+    assert inv.release(straggler) == []  # its session ending later finds nothing left to do
+    for vm_id in ("held-1", "held-2"):
+        assert stored_history(path, vm_id)[0] == ("vm_disconnected", "127.0.0.1:2", "shutdown")
+
+
+async def test_close_leaves_the_database_open_under_a_busy_writer(path):
+    """The writer's join times out (a write is stuck): the store is not closed under it; the
+    stuck write and those queued behind it commit once it moves, and close() again closes."""
+    store = Store(path, busy_timeout_ms=100)
+    inv = Inventory(store)
+    inv.start(asyncio.get_running_loop())
+    held = HeldWriter(inv)
+    await held.running()
+    queued = inv.writer.submit("queued", sql.append_history, [(NOW, "late", "vm_added", None, None, None)])
+    inv.close(timeout=0.2)
+    assert store._db.execute("SELECT count(*) FROM history").fetchone() == (0,)  # still open
+    with pytest.raises(StoreError):
+        Store(path)  # and still ours
+    await held.release()
+    await queued
+    inv.close(timeout=5)
+    assert stored_history(path, "late") == [("vm_added", None, None)]
+    Store(path).close()  # the lock was released

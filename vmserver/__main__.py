@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,10 +21,14 @@ log = logging.getLogger("vmserver")
 
 
 def _prepare_db_dir(db: str) -> None:
-    """Create the database's directory (private to this user). :raises StoreError:"""
-    if db == ":memory:" or db.startswith("file:"):
+    """Create the database's directory (private to this user). :raises StoreError:
+
+    The directory of the path the Store will open (symlinks resolved, no ``~`` expansion:
+    the Store does none either); ``file:`` URIs and empty paths are left for it to refuse.
+    """
+    if db == ":memory:" or db.startswith("file:") or not db:
         return
-    parent = Path(db).expanduser().parent
+    parent = Path(os.path.realpath(db)).parent
     if not parent.exists():
         try:
             parent.mkdir(mode=0o700, parents=True)

@@ -85,18 +85,23 @@ def _need_password(ctx: Context, a: dict[str, Any]) -> None:
 
 
 async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | None, cmd: str) -> None:
-    """The VM's password must be given and right; guessing is slowed down per VM.
+    """The VM's password must be given and right; guessing is slowed down per VM, and a
+    missing password counts as a wrong one.
 
     :raises CommandError: auth_failed.
     """
     assert vm.password_hash is not None
-    if password is None:
-        ctx.inventory.journal("auth_failed", vm, session, cmd)
-        raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
-    wait = ctx.attempts.begin(vm.vm_id, time.monotonic())
+    wait = ctx.attempts.locked_for(vm.vm_id, time.monotonic())
     if wait > 0:
         raise CommandError(ErrorCode.AUTH_FAILED,
                            f"too many failed password attempts for VM {vm.vm_id!r}; try again in {math.ceil(wait)}s")
+    if password is None:
+        ctx.attempts.missing(vm.vm_id, time.monotonic())
+        ctx.inventory.auth_failed(vm, session, cmd)
+        raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
+    if not ctx.attempts.begin(vm.vm_id):
+        raise CommandError(ErrorCode.AUTH_FAILED,
+                           f"too many password checks for VM {vm.vm_id!r} under way at once; try again in 1s")
     ok = False
     try:
         ok = await asyncio.to_thread(verify_password, password, vm.password_hash)
@@ -105,7 +110,7 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     if ok:
         return
     log.warning("%s %s: wrong password from %s (%d in a row)", cmd, vm.vm_id, session.name, failures)
-    ctx.inventory.journal("auth_failed", vm, session, cmd)
+    ctx.inventory.auth_failed(vm, session, cmd)
     raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm.vm_id!r}")
 
 
@@ -269,6 +274,7 @@ def remove_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 async def _remove(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
     if vm.password_hash is not None:
         await _check_password(ctx, session, vm, password, "remove_vm")
+    ctx.inventory.record_auth_failures(vm.vm_id)  # in the history before the removal, not after
     removed = await ctx.inventory.remove(vm.vm_id, actor=session)
     ctx.attempts.forget(vm.vm_id)
     return removed.json()

@@ -10,6 +10,7 @@ each check-and-claim is atomic with respect to every session.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 import json
@@ -22,7 +23,7 @@ from . import store as sql
 from .errors import CommandError, ErrorCode
 from .listing import Blocks, Encoded, View, json_list
 from .protocol import dumps, utc_now
-from .store import Store
+from .store import Store, StoreError
 from .validation import DiskSpec
 from .writer import DEFAULT_MAX_BATCH, GroupCommitter
 
@@ -141,8 +142,43 @@ def _log_failure(future: Any) -> None:
         log.error("history not recorded: %s", future.exception())
 
 
-def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None = None) -> sql.HistoryRow:
-    return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason)
+def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None = None,
+                 count: int | None = None) -> sql.HistoryRow:
+    return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason, count)
+
+
+PRUNE_BATCH = 1000  # history rows deleted per write job: each is a short transaction
+JOURNAL_WAIT = 10.0  # at most this long a history read waits for journaled rows to be written
+AUTH_FAILED_INTERVAL = 10.0  # seconds over which a VM's failed password checks make one history row
+
+
+class _Burst:
+    """A VM's failed password checks since its last auth_failed row, not recorded yet."""
+
+    __slots__ = ("vm", "count", "peer", "command", "timer")
+
+    def __init__(self, vm: VM, timer: asyncio.TimerHandle) -> None:
+        self.vm, self.timer = vm, timer
+        self.count = 0
+        self.peer: str | None = None  # of the last of them
+        self.command: str | None = None
+
+
+class _Counted:
+    """A VM as listeners see it for an auth_failed event: its record plus ``"count"``.
+
+    Listeners take (event, vm, reason) and send ``vm.json()`` with the reason added; this
+    adds the count without changing that interface.
+    """
+
+    __slots__ = ("vm_id", "_json")
+
+    def __init__(self, vm: VM, count: int) -> None:
+        self.vm_id = vm.vm_id
+        self._json = vm.json()[:-1] + b',"count":%d}' % count
+
+    def json(self) -> bytes:
+        return self._json
 
 
 class Inventory:
@@ -172,6 +208,15 @@ class Inventory:
         self._disk_totals = self._disk_blocks.view(lambda disks: (len(disks), sum(d.size for d in disks)))
         # Called as listener(event, vm, reason) after each change is visible (live events).
         self.listeners: list[Callable[[str, VM, str | None], None]] = []
+        self._journal_tail: asyncio.Future[Any] | None = None  # the last history row journaled
+        self.auth_failed_interval = AUTH_FAILED_INTERVAL
+        self._bursts: dict[str, _Burst] = {}  # by vm_id: failed password checks being counted
+        # connect_vm of a new VM: the session registering it, and, if that session ended before
+        # the commit, why (the vm_disconnected row that must follow the stored connect)
+        self._registering: dict[str, Owner] = {}
+        self._orphaned: dict[str, str] = {}
+        self._closed = False  # close() has recorded what was pending
+        self._store_closed = False
         self._load()
 
     def start(self, loop: Any) -> None:
@@ -211,15 +256,59 @@ class Inventory:
                 log.exception("event listener failed on %s %s", event, vm.vm_id)
 
     def journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
-        """Record in the history, and announce, what has no write of its own: presence changes,
-        and failed password checks.
+        """Record in the history, and announce, what has no write of its own: presence changes.
 
-        Not awaited: the reply does not wait for the history row, and a failed row is logged.
+        Not awaited: the reply does not wait for the history row. Never raises: the change is
+        already made in memory, so it stays made and is answered as made; a row the writer
+        refuses (the server is stopping) or fails to write is logged.
         """
-        row = _history_row(event, vm.vm_id, actor, reason)
-        future = self.writer.submit(f"history {event} {vm.vm_id}", sql.append_history, (row,))
-        future.add_done_callback(_log_failure)
+        self._record(_history_row(event, vm.vm_id, actor, reason))
         self._announce(event, vm, reason)
+
+    def _record(self, row: sql.HistoryRow) -> None:
+        try:
+            future = self.writer.submit(f"history {row[2]} {row[1]}", sql.append_history, (row,))
+        except StoreError as exc:
+            log.error("history not recorded (%s %s): %s", row[2], row[1], exc)
+            return
+        future.add_done_callback(_log_failure)
+        self._journal_tail = future
+
+    def auth_failed(self, vm: VM, actor: Owner, command: str) -> None:
+        """A wrong or missing password for ``vm``: recorded and announced at once the first time;
+        those that follow within ``auth_failed_interval`` are counted and recorded together, as
+        one row and one event with their count, when the interval ends (a flood of guesses is a
+        row every interval, not a row each)."""
+        burst = self._bursts.get(vm.vm_id)
+        if burst is None:
+            self._record_failures(vm, actor.name, command, 1)
+            self._open_burst(vm)
+        else:
+            burst.vm, burst.peer, burst.command = vm, actor.name, command
+            burst.count += 1
+
+    def record_auth_failures(self, vm_id: str) -> None:
+        """Record now the failed password checks still being counted for ``vm_id`` (before a removal)."""
+        self._end_burst(vm_id)
+
+    def _open_burst(self, vm: VM) -> None:
+        timer = asyncio.get_running_loop().call_later(self.auth_failed_interval, self._end_burst, vm.vm_id, True)
+        self._bursts[vm.vm_id] = _Burst(vm, timer)
+
+    def _end_burst(self, vm_id: str, again: bool = False) -> None:
+        """Record the failures counted for ``vm_id``, if any; ``again``: and count on for another interval."""
+        burst = self._bursts.pop(vm_id, None)
+        if burst is None:
+            return
+        burst.timer.cancel()
+        if burst.count:
+            self._record_failures(burst.vm, burst.peer, burst.command, burst.count)
+            if again:
+                self._open_burst(burst.vm)
+
+    def _record_failures(self, vm: VM, peer: str | None, command: str | None, count: int) -> None:
+        self._record((utc_now(), vm.vm_id, "auth_failed", peer, command, count))
+        self._announce("auth_failed", _Counted(vm, count), command)  # type: ignore[arg-type]
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -275,12 +364,17 @@ class Inventory:
         def unreserve() -> None:
             self._reserved_vm_ids.discard(vm_id)
             self._reserved_disk_ids.difference_update(disk_ids)
+            if owner is not None:
+                self._registering.pop(vm_id, None)
 
         now = utc_now()
         last_connected = now if owner is not None else None
+        if owner is not None:
+            self._registering[vm_id] = owner
 
         def committed(result: tuple[int, list[int]]) -> VM:
             unreserve()
+            ended = self._orphaned.pop(vm_id, None) if owner is not None else None
             vm_pk, disk_pks = result
             vm = VM(vm_pk, vm_id, ram, cpu, password_hash, last_connected)
             for pk, spec in zip(disk_pks, disks):
@@ -295,6 +389,11 @@ class Inventory:
             if owner is not None and not owner.ended:
                 self._bind(vm, owner)
                 self._announce("vm_connected", vm)
+            elif owner is not None:
+                # The session ended while its connect was being committed: the stored connect is
+                # followed by its end, so the history says what happened. No event: to the live
+                # view it was never connected.
+                self._record(_history_row("vm_disconnected", vm_id, owner, ended or "session_closed"))
             return vm
 
         who = owner or actor
@@ -302,7 +401,7 @@ class Inventory:
         return await self.writer.submit(
             f"add {vm_id}", sql.with_history, sql.insert_vm, args,
             [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else []),
-            on_commit=committed, on_fail=unreserve)
+            on_commit=committed, on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
 
     async def connect(self, vm_id: str, owner: Owner) -> VM:
         """Bind a known VM to ``owner`` (idempotent for the same owner) and record last_connected.
@@ -484,6 +583,9 @@ class Inventory:
         ``reason``: session_closed, timeout or shutdown (the vm_disconnected event's reason).
         """
         owner.ended = True
+        for vm_id, registrant in self._registering.items():
+            if registrant is owner:  # its connect_vm of a new VM is still being committed
+                self._orphaned[vm_id] = reason
         released = []
         for vm_id in list(owner.vms):
             vm = self._vms.get(vm_id)
@@ -576,22 +678,65 @@ class Inventory:
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:
-        """History rows, newest first, as a JSON array (read through the writer: it owns the file)."""
-        rows = await self.writer.submit("read history", sql.read_history, vm_id, event, since, before, limit)
+        """History rows, newest first, as a JSON array.
+
+        Read on a reader connection, never through the writer: a slow read holds up no write.
+        It waits first for the presence rows already journaled (they are not awaited when
+        written), so a session reads its own changes, as it would with one connection.
+        """
+        tail = self._journal_tail
+        if tail is not None and not tail.done():
+            await asyncio.wait((tail,), timeout=JOURNAL_WAIT)
+        rows = await self._read("read history", sql.read_history, vm_id, event, since, before, limit)
         out = []
-        for id, ts, vm_id, event, peer, reason in rows:
+        for id, ts, vm_id, event, peer, reason, count in rows:
             entry: dict[str, Any] = {"id": id, "ts": ts, "vm_id": vm_id, "event": event, "peer": peer}
             if reason is not None:  # as in the live event: why it disconnected, or which command failed
                 entry["command" if event == "auth_failed" else "reason"] = reason
+            if event == "auth_failed":
+                entry["count"] = 1 if count is None else count
             out.append(entry)
         return dumps(out)
 
-    async def prune_history(self, before: str) -> int:
-        return await self.writer.submit("prune history", sql.prune_history, before)
+    async def _read(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        readers = self.store.readers
+        if readers is None:  # :memory: has no second connection to read it: the writer reads
+            return await self.writer.submit(what, fn, *args)
+        return await asyncio.wrap_future(readers.submit(what, fn, *args))
 
-    def close(self) -> None:
-        """Let the writer finish what is queued, then close the database."""
-        self.writer.close()
+    async def prune_history(self, before: str, batch: int = PRUNE_BATCH) -> int:
+        """Delete the history older than ``before`` in batches, each its own short write job, so
+        writes queued meanwhile go between them; returns how many rows went."""
+        total = 0
+        while True:
+            pruned = await self.writer.submit("prune history", sql.prune_history, before, batch)
+            total += pruned
+            if pruned < batch:
+                return total
+            await asyncio.sleep(0)  # let the sessions run before the next batch is queued
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Record what is still pending, let the writer finish what is queued, close the database.
+
+        Pending: failed password checks being counted, and VMs still held by sessions that
+        have not ended yet (cut off at shutdown): they are disconnected here with reason
+        ``shutdown``, so that their rows are written before the writer stops. If the writer is
+        still busy after ``timeout`` (a write stuck on a lock), the database is left open
+        rather than closed under it; calling close() again tries again.
+        """
+        if not self._closed:
+            self._closed = True
+            for vm_id in list(self._bursts):
+                self._end_burst(vm_id)
+            for owner in {vm.owner for vm in self._vms.values() if vm.owner is not None}:
+                self.release(owner, "shutdown")
+        self.writer.close(timeout)
+        if self.writer._thread.is_alive():  # the join timed out
+            log.error("database %s left open: the writer is still using it", self.store.path)
+            return
+        if self._store_closed:
+            return
+        self._store_closed = True
         self.store.close()
         w = self.writer
         if w.writes:  # how well group commit batched: writes per transaction (per fsync)

@@ -43,9 +43,10 @@ class AttemptLimiter:
     """Slows down password guessing per VM: after ``allowed`` failures in a row, each further
     failure locks the VM's password checks for twice as long as the last (1 s, 2 s, ... 5 min).
 
-    A check counts from the moment it starts (checks take tens of milliseconds), so guesses
-    sent at once from many connections cannot slip past the limit together. In memory only:
-    a restart forgives, which is acceptable for a delay, not a ban.
+    A missing password is a failure like a wrong one (it costs no hashing, so it must not be
+    the free way to probe). A check counts from the moment it starts (checks take tens of
+    milliseconds), so guesses sent at once from many connections cannot slip past the limit
+    together. In memory only: a restart forgives, which is acceptable for a delay, not a ban.
     """
 
     MAX_LOCK = 300.0
@@ -56,18 +57,25 @@ class AttemptLimiter:
         self._locked_until: dict[str, float] = {}
         self._checking: dict[str, int] = {}  # checks under way
 
-    def begin(self, key: str, now: float) -> float:
-        """Start a check. Returns 0 when it may proceed (call ``end`` after), else seconds to wait."""
-        wait = self._locked_until.get(key, 0.0) - now
-        if wait > 0:
-            return wait
+    def locked_for(self, key: str, now: float) -> float:
+        """Seconds the VM's password checks are still refused for (0: not locked)."""
+        return max(self._locked_until.get(key, 0.0) - now, 0.0)
+
+    def begin(self, key: str) -> bool:
+        """Start a check (call ``end`` after); False when too many are under way for this VM.
+
+        Below the limit, as many checks at once as failures are still allowed; past it (the
+        lock has expired), one at a time: its failure locks again for twice as long.
+        """
         failures, checking = self._failures.get(key, 0), self._checking.get(key, 0)
-        # Below the limit, as many checks at once as failures are still allowed; past it (the
-        # lock has expired), one at a time: its failure locks again for twice as long.
         if checking >= max(self.allowed - failures, 1):
-            return 1.0
+            return False
         self._checking[key] = checking + 1
-        return 0.0
+        return True
+
+    def checking(self, key: str) -> int:
+        """Checks under way for the VM."""
+        return self._checking.get(key, 0)
 
     def end(self, key: str, ok: bool, now: float) -> int:
         """Finish a check; returns the failures in a row (0 after a success)."""
@@ -80,6 +88,13 @@ class AttemptLimiter:
             self._failures.pop(key, None)
             self._locked_until.pop(key, None)
             return 0
+        return self._failed(key, now)
+
+    def missing(self, key: str, now: float) -> int:
+        """A password was needed and none was given: a failure, without a check."""
+        return self._failed(key, now)
+
+    def _failed(self, key: str, now: float) -> int:
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures
         if failures >= self.allowed:

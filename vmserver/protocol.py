@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,10 @@ from typing import Any
 from .errors import CommandError, ErrorCode
 
 DEFAULT_MAX_LINE = 1 << 20  # 1 MiB, excluding the newline
+# An id is echoed in its reply, so it must be one the encoder can always write back: the
+# decoder accepts nesting up to the interpreter's recursion limit, the encoder (deeper in the
+# stack) not quite as far. No sane id needs more than a few levels.
+MAX_ID_DEPTH = 32
 
 _ENVELOPE_KEYS = frozenset(("cmd", "args", "id"))
 
@@ -82,6 +87,8 @@ def _json_error_text(exc: BaseException, offset: int = 0) -> str:
         return "JSON nested too deeply"
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno + offset}"
+    if "integer string conversion" in str(exc):  # int() refused a number longer than the limit
+        return f"an integer longer than {sys.get_int_max_str_digits()} digits"
     return str(exc)
 
 
@@ -113,6 +120,21 @@ def parse_line(line: bytes) -> Request | None:
     return _parse_inline(text)
 
 
+_CONTAINERS = (list, dict)
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels in ``value`` (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        stack.extend((child, depth + 1) for child in children if type(child) in _CONTAINERS)
+    return False
+
+
 def _parse_envelope(text: str) -> Request:
     try:
         obj = _decoder.decode(text)
@@ -121,6 +143,9 @@ def _parse_envelope(text: str) -> Request:
     if not isinstance(obj, dict):
         raise RequestError(ErrorCode.BAD_REQUEST, f"a request must be a JSON object, got {json_type(obj)}")
     request_id = obj.get("id")
+    if type(request_id) in _CONTAINERS and _nests_deeper(request_id, MAX_ID_DEPTH):
+        # Checked before anything echoes it: an id too deep to encode would leave no reply at all.
+        raise RequestError(ErrorCode.BAD_REQUEST, f"envelope key 'id' is nested deeper than {MAX_ID_DEPTH} levels")
     if not _ENVELOPE_KEYS.issuperset(obj):
         extra = obj.keys() - _ENVELOPE_KEYS
         raise RequestError(

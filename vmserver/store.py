@@ -1,7 +1,9 @@
-"""SQLite persistence: the one owner of the database connection, its schema and migrations.
+"""SQLite persistence: the owner of the database's connections, its schema and migrations.
 
-Every mutation runs in one ``BEGIN IMMEDIATE`` transaction; any ``sqlite3.Error`` becomes a
-:class:`StoreError` naming the file, which the server answers with ``internal``.
+One connection writes (driven by the writer thread); every mutation runs in one ``BEGIN
+IMMEDIATE`` transaction. A few read-only connections (:class:`Readers`) serve the reads that
+may be slow, beside it. Any ``sqlite3.Error`` becomes a :class:`StoreError` naming the file,
+which the server answers with ``internal``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,8 +64,17 @@ _SCHEMA_V2 = [
     "CREATE INDEX history_by_ts ON history(ts)",
 ]
 
+# Version 3: an index for every filter of get_history (vm_id, event, both; since has
+# history_by_ts, before the primary key), so no read scans the table; and a count, for the one
+# auth_failed row that stands for a burst of failed password checks (NULL: one event).
+_SCHEMA_V3 = [
+    "ALTER TABLE history ADD COLUMN count INTEGER",
+    "CREATE INDEX history_by_event ON history(event, id)",
+    "CREATE INDEX history_by_vm_event ON history(vm_id, event, id)",
+]
+
 # Ordered migrations: MIGRATIONS[i] brings a database from user_version i to i + 1.
-MIGRATIONS: list[list[str]] = [_SCHEMA_V1, _SCHEMA_V2]
+MIGRATIONS: list[list[str]] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -107,11 +120,12 @@ def set_last_connected(db: sqlite3.Connection, vm_pk: int, when: str) -> None:
     db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
 
 
-HistoryRow = tuple[str, str, str, "str | None", "str | None"]  # ts, vm_id, event, peer, reason
+# ts, vm_id, event, peer, reason (vm_disconnected: why; auth_failed: the command), count
+HistoryRow = tuple[str, str, str, "str | None", "str | None", "int | None"]
 
 
 def append_history(db: sqlite3.Connection, rows: Sequence[HistoryRow]) -> None:
-    db.executemany("INSERT INTO history (ts, vm_id, event, peer, reason) VALUES (?, ?, ?, ?, ?)", rows)
+    db.executemany("INSERT INTO history (ts, vm_id, event, peer, reason, count) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
 def with_history(db: sqlite3.Connection, fn: Callable[..., T], args: Sequence[Any], rows: Sequence[HistoryRow]) -> T:
@@ -121,22 +135,54 @@ def with_history(db: sqlite3.Connection, fn: Callable[..., T], args: Sequence[An
     return result
 
 
-def prune_history(db: sqlite3.Connection, before: str) -> int:
-    return db.execute("DELETE FROM history WHERE ts < ?", (before,)).rowcount
+def prune_history(db: sqlite3.Connection, before: str, limit: int) -> int:
+    """Delete up to ``limit`` of the rows older than ``before`` (oldest first); returns how many.
+
+    A bounded batch, so that pruning a large history is many short write transactions that
+    other writes interleave with, never one long one that holds them all up.
+    """
+    return db.execute("DELETE FROM history WHERE id IN (SELECT id FROM history INDEXED BY history_by_ts "
+                      "WHERE ts < ? ORDER BY ts LIMIT ?)", (before, limit)).rowcount
 
 
-def read_history(db: sqlite3.Connection, vm_id: str | None, event: str | None, since: str | None,
-                 before: int | None, limit: int) -> list[tuple[Any, ...]]:
-    """Newest first: (id, ts, vm_id, event, peer, reason) rows matching every given filter."""
+# Past this many rows at or after ``since``, the newest-first scan finds a page sooner than
+# sorting every match found through the ts index.
+SINCE_SELECTIVE = 20_000
+
+
+def history_query(vm_id: str | None, event: str | None, since: str | None, before: int | None,
+                  limit: int, by_time: bool = False) -> tuple[str, tuple[Any, ...]]:
+    """The SELECT of read_history; ``by_time``: go through the ts index (few rows since ``since``).
+
+    Otherwise SQLite picks by the equality filters: (vm_id, event, id), (vm_id, id) or
+    (event, id), each already in id order; with none, the table itself, newest first.
+    """
     where, params = [], []
     for clause, value in (("vm_id = ?", vm_id), ("event = ?", event), ("ts >= ?", since), ("id < ?", before)):
         if value is not None:
             where.append(clause)
             params.append(value)
-    sql = "SELECT id, ts, vm_id, event, peer, reason FROM history"
+    sql = "SELECT id, ts, vm_id, event, peer, reason, count FROM history"
+    if by_time:
+        sql += " INDEXED BY history_by_ts"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    return db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+    return sql + " ORDER BY id DESC LIMIT ?", (*params, limit)
+
+
+def read_history(db: sqlite3.Connection, vm_id: str | None, event: str | None, since: str | None,
+                 before: int | None, limit: int) -> list[tuple[Any, ...]]:
+    """Newest first: (id, ts, vm_id, event, peer, reason, count) rows matching every given filter.
+
+    With ``since``, a bounded look at the ts index first: when few rows are that recent, they
+    are found there and sorted (a ``since`` in the future costs nothing); when many are, the
+    newest rows match and the newest-first plan finds a page at once.
+    """
+    by_time = since is not None and db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM history INDEXED BY history_by_ts WHERE ts >= ? LIMIT ?)",
+        (since, SINCE_SELECTIVE)).fetchone()[0] < SINCE_SELECTIVE
+    sql, params = history_query(vm_id, event, since, before, limit, by_time)
+    return db.execute(sql, params).fetchall()
 
 
 @dataclass(slots=True)
@@ -157,14 +203,81 @@ class DiskRow:
     vm_pk: int
 
 
+READERS = 4  # history reads running at once; more wait their turn (never in the writer's queue)
+
+
+class Readers:
+    """Read-only connections to the file, one per reader thread, for reads that may take a while.
+
+    WAL lets each read its own snapshot beside the writer: the writer never waits for a read,
+    and a read never waits in the writer's queue. At most ``size`` run at once; the others wait
+    in the pool's queue (one per session at most: a session runs one command at a time).
+    """
+
+    def __init__(self, path: str, real_path: str, size: int, busy_timeout_ms: int) -> None:
+        self.path, self._real_path, self._busy_timeout_ms = path, real_path, busy_timeout_ms
+        self.size = size
+        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="vmserver-reader")
+        self._local = threading.local()
+        self._guard = threading.Lock()
+        self.connections: list[sqlite3.Connection] = []  # every one opened, for close()
+
+    def submit(self, what: str, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(db, *args)`` in a read transaction on a reader thread.
+
+        :raises StoreError: (through the future) the read failed.
+        """
+        try:
+            return self._pool.submit(self._run, what, fn, args)
+        except RuntimeError:  # closed
+            raise StoreError(f"database {self.path}: {what} refused: the server is stopping") from None
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:  # opened by the thread that uses it, at its first read; retried if it fails
+            db = sqlite3.connect(self._real_path, isolation_level=None, check_same_thread=False)
+            with self._guard:
+                self.connections.append(db)
+            db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            db.execute("PRAGMA query_only = ON")
+            self._local.db = db
+        return db
+
+    def _run(self, what: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            db = self._connection()
+            db.execute("BEGIN")  # one snapshot for all of fn's statements
+            try:
+                return fn(db, *args)
+            finally:
+                if db.in_transaction:
+                    db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {self.path}: {what} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Let the reads under way finish, drop those not started, close the connections."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._guard:
+            for db in self.connections:
+                try:
+                    db.close()
+                except sqlite3.Error as exc:
+                    log.error("database %s: closing a reader failed: %s", self.path, exc)
+            self.connections.clear()
+
+
 class Store:
-    """The SQLite file behind the inventory. Not thread-safe: one caller at a time."""
+    """The SQLite file behind the inventory. Not thread-safe: one caller at a time (the writer);
+    ``readers`` read beside it on their own connections (None for ``:memory:``, which no second
+    connection can see)."""
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
-        self.path = path
-        self._lock = self._lock_file(path)
+        self.path = path  # as given: what messages name
+        self.real_path = self._resolve(path)  # what is locked and opened
+        self._lock = self._lock_file(path, self.real_path)
         try:
-            self._db = db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = db = sqlite3.connect(self.real_path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             self._unlock()
             raise StoreError(f"cannot open database {path}: {exc}") from exc
@@ -181,17 +294,48 @@ class Store:
             self._db.close()
             self._unlock()
             raise
+        self.readers = None if path == ":memory:" else Readers(path, self.real_path, READERS, busy_timeout_ms)
 
     @staticmethod
-    def _lock_file(path: str) -> int | None:
+    def _resolve(path: str) -> str:
+        """The database file's one true name, however it is spelled (relative, ``..``, symlinks).
+
+        ``file:`` URIs are refused rather than opened: their parameters (``mode=ro``,
+        ``mode=memory``, ``immutable=1``, ``nolock=1``, ``vfs=``) can switch off the very
+        locking, durability and sharing this server relies on, and a plain path says all that
+        is needed. (SQLite reads ``file:`` names as URIs even without ``uri=True``.)
+
+        :raises StoreError: a URI, an empty path, or a file with several hard links.
+        """
+        if path == ":memory:":
+            return path
+        if not path:
+            raise StoreError("cannot open database: the path is empty")
+        if path.startswith("file:"):
+            raise StoreError(f"cannot open database {path}: file: URIs are not supported, give the file's path "
+                             f"(a file whose name starts with 'file:' can be given as ./{path})")
+        real = os.path.realpath(path)
+        try:
+            links = os.stat(real).st_nlink
+        except OSError:
+            links = 1  # not there yet (SQLite creates it), or unreadable (SQLite says why)
+        if links > 1:
+            # SQLite keeps the WAL beside the name it opened: two names, two WALs for one file.
+            raise StoreError(f"cannot open database {path}: the file has {links} hard links; "
+                             "SQLite cannot share one database between several names (use a symlink)")
+        return real
+
+    @staticmethod
+    def _lock_file(path: str, real_path: str) -> int | None:
         """Hold ``<db>.lock`` exclusively: the in-memory mirror is only right if we are the sole writer.
 
-        A separate file, because closing any descriptor of the database file itself would drop
-        SQLite's own POSIX locks.
+        Named after the resolved path, so another spelling of the same file (a symlink, a
+        relative path) meets the same lock. A separate file, because closing any descriptor of
+        the database file itself would drop SQLite's own POSIX locks.
         """
-        if path == ":memory:" or path.startswith("file:"):
+        if real_path == ":memory:":
             return None
-        lock_path = f"{path}.lock"
+        lock_path = f"{real_path}.lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -366,7 +510,9 @@ class Store:
             log.error("database %s: rollback failed: %s", self.path, exc)
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file, close the connection, release the lock."""
+        """Close the readers, checkpoint the WAL into the main file, close the connection, release the lock."""
+        if self.readers is not None:
+            self.readers.close()  # first: a reader's snapshot would keep the checkpoint from truncating
         try:
             if self.path != ":memory:":
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
