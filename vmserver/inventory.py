@@ -208,7 +208,9 @@ class Inventory:
         self._disk_totals = self._disk_blocks.view(lambda disks: (len(disks), sum(d.size for d in disks)))
         # Called as listener(event, vm, reason) after each change is visible (live events).
         self.listeners: list[Callable[[str, VM, str | None], None]] = []
-        self._journal_tail: asyncio.Future[Any] | None = None  # the last history row journaled
+        self._journal_tail: asyncio.Future[Any] | None = None  # the last history rows journaled
+        self._rows: list[sql.HistoryRow] | None = None  # journaled this loop turn, not yet submitted
+        self._rows_done: asyncio.Future[Any] | None = None
         self.auth_failed_interval = AUTH_FAILED_INTERVAL
         self._bursts: dict[str, _Burst] = {}  # by vm_id: failed password checks being counted
         # connect_vm of a new VM: the session registering it, and, if that session ended before
@@ -266,13 +268,35 @@ class Inventory:
         self._announce(event, vm, reason)
 
     def _record(self, row: sql.HistoryRow) -> None:
+        """Queue a history row; the rows of one loop turn go to the writer as one job (a fleet
+        hanging up at once is a few jobs of many rows, not a job each)."""
+        if self._rows is None:
+            loop = asyncio.get_running_loop()
+            self._rows = []
+            self._journal_tail = self._rows_done = loop.create_future()
+            loop.call_soon(self._flush_rows)
+        self._rows.append(row)
+
+    def _flush_rows(self) -> None:
+        """Hand the queued rows to the writer; before any other write too, so that history ids
+        keep the order in which things happened."""
+        rows, done = self._rows, self._rows_done
+        if rows is None or done is None:
+            return
+        self._rows = self._rows_done = None
         try:
-            future = self.writer.submit(f"history {row[2]} {row[1]}", sql.append_history, (row,))
+            future = self.writer.submit(f"history: {len(rows)} rows", sql.append_history, rows)
         except StoreError as exc:
-            log.error("history not recorded (%s %s): %s", row[2], row[1], exc)
+            shown = ", ".join(f"{row[2]} {row[1]}" for row in rows[:3]) + (", ..." if len(rows) > 3 else "")
+            log.error("history not recorded (%d rows: %s): %s", len(rows), shown, exc)
+            done.set_result(None)
             return
         future.add_done_callback(_log_failure)
-        self._journal_tail = future
+        future.add_done_callback(lambda _: done.done() or done.set_result(None))
+
+    def _submit(self, what: str, fn: Callable[..., Any], *args: Any, **callbacks: Any) -> asyncio.Future[Any]:
+        self._flush_rows()
+        return self.writer.submit(what, fn, *args, **callbacks)
 
     def auth_failed(self, vm: VM, actor: Owner, command: str) -> None:
         """A wrong or missing password for ``vm``: recorded and announced at once the first time;
@@ -398,7 +422,7 @@ class Inventory:
 
         who = owner or actor
         args = (vm_id, ram, cpu, password_hash, [(d.disk_id, d.size) for d in disks], now, last_connected)
-        return await self.writer.submit(
+        return await self._submit(
             f"add {vm_id}", sql.with_history, sql.insert_vm, args,
             [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else []),
             on_commit=committed, on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
@@ -432,7 +456,7 @@ class Inventory:
             if vm.owner is owner:
                 self._unbind(vm)
 
-        return await self.writer.submit(f"connect {vm_id}", sql.with_history, sql.set_last_connected, (vm.id, now),
+        return await self._submit(f"connect {vm_id}", sql.with_history, sql.set_last_connected, (vm.id, now),
                                         [_history_row("vm_connected", vm_id, owner)],
                                         on_commit=committed, on_fail=failed)
 
@@ -527,7 +551,7 @@ class Inventory:
 
         args = (vm.id, new_ram, new_cpu, [d.id for d in remove], [(d.id, size) for d, size in resize],
                 [(s.disk_id, s.size) for s in add])
-        return await self.writer.submit(
+        return await self._submit(
             f"update {vm_id}", sql.with_history, sql.update_vm, args, [_history_row("vm_updated", vm_id, owner)],
             on_commit=committed, on_fail=unreserve)
 
@@ -556,7 +580,7 @@ class Inventory:
             vm.disks = []  # no VM <-> disk cycle left: freed at once, even if loaded before gc.freeze()
             return vm
 
-        return await self.writer.submit(f"remove {vm_id}", sql.with_history, sql.delete_vm, (vm.id,),
+        return await self._submit(f"remove {vm_id}", sql.with_history, sql.delete_vm, (vm.id,),
                                         [_history_row("vm_removed", vm_id, actor)], on_commit=committed,
                                         on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
 
@@ -701,7 +725,7 @@ class Inventory:
     async def _read(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         readers = self.store.readers
         if readers is None:  # :memory: has no second connection to read it: the writer reads
-            return await self.writer.submit(what, fn, *args)
+            return await self._submit(what, fn, *args)
         return await asyncio.wrap_future(readers.submit(what, fn, *args))
 
     async def prune_history(self, before: str, batch: int = PRUNE_BATCH) -> int:
@@ -709,7 +733,7 @@ class Inventory:
         writes queued meanwhile go between them; returns how many rows went."""
         total = 0
         while True:
-            pruned = await self.writer.submit("prune history", sql.prune_history, before, batch)
+            pruned = await self._submit("prune history", sql.prune_history, before, batch)
             total += pruned
             if pruned < batch:
                 return total
@@ -730,6 +754,7 @@ class Inventory:
                 self._end_burst(vm_id)
             for owner in {vm.owner for vm in self._vms.values() if vm.owner is not None}:
                 self.release(owner, "shutdown")
+            self._flush_rows()
         self.writer.close(timeout)
         if self.writer._thread.is_alive():  # the join timed out
             log.error("database %s left open: the writer is still using it", self.store.path)

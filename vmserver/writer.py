@@ -63,10 +63,13 @@ class GroupCommitter:
                on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
         """Queue ``fn(db, *args)``; the future gets ``on_commit(result)`` (or the result) once committed.
 
-        :raises StoreError: (through the future) when the write failed; on_fail ran first.
+        :raises StoreError: (through the future) when the write failed, at once when the writer is
+            closing; on_fail ran first either way.
         """
         assert self._loop is not None, "start() first"
-        if self._closing:
+        if self._closing:  # what the caller claimed in memory for this write is undone, as on a failure
+            if on_fail is not None:
+                on_fail()
             raise StoreError(f"database {self.store.path}: {what} refused: the server is stopping")
         future = self._loop.create_future()
         self._jobs.put(_Job(what, fn, args, future, on_commit, on_fail))
