@@ -550,7 +550,7 @@ async def test_connect_of_a_new_vm_whose_session_ended_before_the_commit(invento
     ended) follows, so the history says it connected and went. No presence events: to the
     live view it was never connected."""
     events: list[tuple] = []
-    inventory.listeners.append(lambda event, vm, reason: events.append((event, vm.vm_id, reason)))
+    inventory.listeners.append(lambda event, vm_id, data: events.append((event, vm_id, json.loads(data()).get("reason"))))
     owner = Session("127.0.0.1:1")
     held = HeldWriter(inventory)
     await held.running()

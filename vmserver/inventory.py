@@ -164,23 +164,6 @@ class _Burst:
         self.command: str | None = None
 
 
-class _Counted:
-    """A VM as listeners see it for an auth_failed event: its record plus ``"count"``.
-
-    Listeners take (event, vm, reason) and send ``vm.json()`` with the reason added; this
-    adds the count without changing that interface.
-    """
-
-    __slots__ = ("vm_id", "_json")
-
-    def __init__(self, vm: VM, count: int) -> None:
-        self.vm_id = vm.vm_id
-        self._json = vm.json()[:-1] + b',"count":%d}' % count
-
-    def json(self) -> bytes:
-        return self._json
-
-
 class Inventory:
     def __init__(self, store: Store, max_write_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.store = store
@@ -207,7 +190,7 @@ class Inventory:
         self._all_disks = self._disk_blocks.view(lambda disks: b",".join([d.listing_json() for d in disks]))
         self._disk_totals = self._disk_blocks.view(lambda disks: (len(disks), sum(d.size for d in disks)))
         # Called as listener(event, vm, reason) after each change is visible (live events).
-        self.listeners: list[Callable[[str, VM, str | None], None]] = []
+        self.listeners: list[Callable[[str, str, Callable[[], bytes]], None]] = []
         self._journal_tail: asyncio.Future[Any] | None = None  # the last history rows journaled
         self._rows: list[sql.HistoryRow] | None = None  # journaled this loop turn, not yet submitted
         self._rows_done: asyncio.Future[Any] | None = None
@@ -250,10 +233,27 @@ class Inventory:
         vm.encode()
         self._vm_blocks.touch(vm)
 
-    def _announce(self, event: str, vm: VM, reason: str | None = None) -> None:
+    def _announce(self, event: str, vm: VM, reason: str | None = None, count: int | None = None) -> None:
+        """Tell the listeners (live events): ``listener(event, vm_id, data)``, where ``data()``
+        is the event's JSON, made once on first call: the record, plus why it disconnected or
+        which command failed, plus how many failures an auth_failed stands for."""
+        if not self.listeners:
+            return
+        made: list[bytes] = []
+
+        def data() -> bytes:
+            if not made:
+                extra = b""
+                if reason is not None:
+                    extra += b',"' + (b"command" if event == "auth_failed" else b"reason") + b'":' + dumps(reason)
+                if count is not None:
+                    extra += b',"count":%d' % count
+                made.append(vm.json()[:-1] + extra + b"}" if extra else vm.json())
+            return made[0]
+
         for listener in self.listeners:
             try:
-                listener(event, vm, reason)
+                listener(event, vm.vm_id, data)
             except Exception:  # a broken listener must not undo or block a change
                 log.exception("event listener failed on %s %s", event, vm.vm_id)
 
@@ -332,7 +332,7 @@ class Inventory:
 
     def _record_failures(self, vm: VM, peer: str | None, command: str | None, count: int) -> None:
         self._record((utc_now(), vm.vm_id, "auth_failed", peer, command, count))
-        self._announce("auth_failed", _Counted(vm, count), command)  # type: ignore[arg-type]
+        self._announce("auth_failed", vm, command, count)
 
     # --- lookups ----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__, limits
@@ -288,16 +288,12 @@ class Server:
         else:
             self._by_vm.setdefault(subscription.vm_id, set()).add(session)
 
-    def _publish(self, event: str, vm: Any, reason: str | None) -> None:
+    def _publish(self, event: str, vm_id: str, data: Callable[[], bytes]) -> None:
         """An inventory change: queue its line (encoded once) for every session subscribed to it."""
-        everyone, watchers = self._by_event.get(event), self._by_vm.get(vm.vm_id)
+        everyone, watchers = self._by_event.get(event), self._by_vm.get(vm_id)
         if not everyone and not watchers:
             return
-        data = vm.json()
-        if reason is not None:  # the record plus why: {"...":...,"reason":"request"}
-            key = b"command" if event == "auth_failed" else b"reason"
-            data = data[:-1] + b',"' + key + b'":' + dumps(reason) + b"}"
-        line = encode_event(event, data)
+        line = encode_event(event, data())
         dirty = self._dirty
         for session in everyone or ():
             session.subscription.push(line)  # type: ignore[union-attr]
