@@ -4,6 +4,7 @@
     python -m benchmarks.run --smoke             # tiny sizes, 1 run: checks the suite works (seconds)
     python -m benchmarks.run --only 1,2 --runs 7 # some figures (numbers or names), more runs
     python -m benchmarks.run --out /tmp/r.json   # where the JSON results go
+    python -m benchmarks.run --only 8,9 --merge  # update those figures in the JSON, keep the others
     python -m benchmarks.run --only 7 --fsync-delay-ms 5   # figure 7 with a slower simulated disk
 
 It starts every server itself as a subprocess on 127.0.0.1 (ours on a temporary SQLite file
@@ -1246,16 +1247,18 @@ def fig_subscribers(b: Bench, fig: Figure) -> None:
     try:
         for run in range(cheap_runs(s)):
             entry: dict[str, Any] = {"run": run}
-            scripts = lifecycle_scripts(names, 2 * run)
-            plain = measure(server, lambda: loadgen.run_sessions(server.port, scripts, concurrency=n,
-                                                                  timeout=s.timeout), 5 * n)
-            entry["ops_per_s_without"] = plain.result.rate
-            entry["cpu_s_without"] = plain.cpu_s if plain.cpu_precise_s is None else plain.cpu_precise_s
-            subscribed = subs.all({"op": "subscribe", "count": m, "timeout": s.timeout}, s.timeout + 30)
-            if subscribed[0]["ok"] != m:
-                raise LoadError(f"{subscribed[0]['ok']} of {m} subscribed: {subscribed[0]['samples']}")
             prober = Prober(server.port, s.probe_interval, b.tmp / f"probe-{run}.log")
             try:
+                scripts = lifecycle_scripts(names, 2 * run)
+                plain_start = time.monotonic()
+                plain = measure(server, lambda: loadgen.run_sessions(server.port, scripts, concurrency=n,
+                                                                      timeout=s.timeout), 5 * n)
+                plain_end = time.monotonic()
+                entry["ops_per_s_without"] = plain.result.rate
+                entry["cpu_s_without"] = plain.cpu_s if plain.cpu_precise_s is None else plain.cpu_precise_s
+                subscribed = subs.all({"op": "subscribe", "count": m, "timeout": s.timeout}, s.timeout + 30)
+                if subscribed[0]["ok"] != m:
+                    raise LoadError(f"{subscribed[0]['ok']} of {m} subscribed: {subscribed[0]['samples']}")
                 scripts = lifecycle_scripts(names, 2 * run + 1)
                 c0 = server_cpu(server)
                 start = time.monotonic()
@@ -1276,6 +1279,8 @@ def fig_subscribers(b: Bench, fig: Figure) -> None:
             entry["cpu_us_per_event"] = ((c1 - c0 - entry["cpu_s_without"]) / counts["wanted"] * 1e6
                                          if counts["wanted"] else None)
             entry.update({f"health_{k}": v for k, v in window(probed["samples"], start, end).items()})
+            entry.update({f"health_without_{k}": v
+                          for k, v in window(probed["samples"], plain_start, plain_end).items()})
             fig.runs.append(entry)
     finally:
         subs.close()
@@ -1293,8 +1298,10 @@ def fig_subscribers(b: Bench, fig: Figure) -> None:
     fig.row("events received of expected", med("events_received"), expected, "",
             ratio(med("events_received"), expected))
     fig.row("events dropped (overflow lines)", med("events_dropped"), None)
-    fig.row("bystander health p99 during the run with subscribers", med("health_p99_ms"), None, "ms")
-    fig.row("bystander health max during the run with subscribers", med("health_max_ms"), None, "ms")
+    fig.row(f"bystander health p99 during the run, {m} subscribers vs none", med("health_p99_ms"),
+            med("health_without_p99_ms"), "ms", ratio(med("health_p99_ms"), med("health_without_p99_ms")))
+    fig.row(f"bystander health max during the run, {m} subscribers vs none", med("health_max_ms"),
+            med("health_without_max_ms"), "ms", ratio(med("health_max_ms"), med("health_without_max_ms")))
     fig.notes.append(
         f"{n} agents at once, each on a new connection: connect_vm, authorize_vm, update_vm, deauthorize_vm, "
         f"disconnect_vm (figure 4's lifecycle, VMs registered beforehand without passwords): first with no "
@@ -1609,12 +1616,24 @@ def select_figures(only: str | None) -> list[tuple[int, str, str, Callable[[Benc
     return chosen
 
 
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the figures of ``new`` put in (in figure order); the machine, settings and
+    start of the run that measured them are listed under ``merged``, so no figure loses its context."""
+    figures = {**old.get("figures", {}), **new["figures"]}
+    out = {**old, "figures": dict(sorted(figures.items(), key=lambda kv: kv[1].get("figure", 0)))}
+    out["merged"] = [m for m in old.get("merged", []) if not set(m["figures"]) <= set(new["figures"])] + [
+        {key: new[key] for key in ("started", "seconds", "machine", "settings")} | {"figures": list(new["figures"])}]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description="vmserver benchmark suite")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one run: checks the suite works")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 5; 1 with --smoke)")
     parser.add_argument("--only", default=None, help="comma-separated figure numbers or names")
     parser.add_argument("--out", default=None, help=f"JSON results file (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the figures already in the JSON file that were not run now (replace the others)")
     parser.add_argument("--fsync-delay-ms", type=float, default=None,
                         help=f"figure 7: how much longer each fsync takes (default {FULL.fsync_delay_ms:g})")
     args = parser.parse_args(argv)
@@ -1675,7 +1694,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INTERFERENCE:
         info["server_cpu_taken_by_others"] = {"median": median(INTERFERENCE), "max": max(INTERFERENCE)}
         print(f"\ninterference: other processes used {median(INTERFERENCE):.0%} (median; worst {max(INTERFERENCE):.0%}) "
-              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4 and 7")
+              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7 and 10")
+    if args.merge and out_path.exists():
+        results = merge_results(json.loads(out_path.read_text()), results)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"\nresults written to {out_path}")

@@ -29,7 +29,9 @@ if str(ROOT) not in sys.path:  # `benchmarks` is not installed: it is imported f
 from benchmarks import fleet, loadgen, procstat, reference_server  # noqa: E402
 from benchmarks.fleet import Fleet  # noqa: E402
 from benchmarks.loadgen import LoadError  # noqa: E402
-from benchmarks.run import Bench, SMOKE, ServerStartError, _env, check, gc_report, settle_rss, terminate, vm_spec  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    Bench, SMOKE, ServerStartError, _env, check, gc_report, merge_results, settle_rss, terminate, vm_spec,
+)
 
 SMOKE_TIMEOUT = 100.0  # the smoke run must finish well within this (it takes seconds; pytest's own limit: 120)
 
@@ -452,6 +454,19 @@ def test_gc_report_reads_the_servers_line_or_says_none() -> None:
     assert check(0, "==", 0) is True and check(-15, "==", 0) is False and check(None, "==", 0) is None
 
 
+def test_merge_results_keeps_the_other_figures_and_where_each_came_from() -> None:
+    old = {"machine": {"cpus": 2}, "settings": {"runs": 5}, "started": "t1", "seconds": 9.0,
+           "figures": {"one": {"figure": 1}, "nine": {"figure": 9, "v": "old"}}}
+    new = {"machine": {"cpus": 4}, "settings": {"runs": 1}, "started": "t2", "seconds": 3.0,
+           "figures": {"nine": {"figure": 9, "v": "new"}, "eight": {"figure": 8}}}
+    out = merge_results(old, new)
+    assert list(out["figures"]) == ["one", "eight", "nine"] and out["figures"]["nine"]["v"] == "new"
+    assert (out["machine"], out["started"]) == ({"cpus": 2}, "t1")  # the first run's, for figure 1
+    assert out["merged"] == [{"started": "t2", "seconds": 3.0, "machine": {"cpus": 4}, "settings": {"runs": 1},
+                              "figures": ["nine", "eight"]}]
+    assert len(merge_results(out, new)["merged"]) == 1  # the same figures again: the older entry goes
+
+
 # --- (b) the whole suite, smoke-sized ---------------------------------------------------------
 
 
@@ -502,3 +517,11 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     assert fl["closed_by_server_at_exit"] == fl["agents"]
     assert fl["events_received"] + fl["events_dropped"] == fl["events_expected"] == 2 * fl["agents"] * fl["subscribers"]
     assert "health pipelined" in proc.stdout.decode()  # the table was printed
+    # --merge replaces only the figures run now.
+    again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "1", "--merge", "--out",
+                            str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=SMOKE_TIMEOUT)
+    assert again.returncode == 0, again.stderr.decode(errors="replace")
+    merged = json.loads(out.read_text())
+    assert set(merged["figures"]) == FIGURE_NAMES and merged["merged"][-1]["figures"] == ["health_pipelined"]
+    assert merged["figures"]["fleet"] == figures["fleet"]
