@@ -40,6 +40,7 @@ import os
 import re
 import resource
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,17 @@ EVENT_NAMES = ("vm_added", "vm_updated", "vm_removed", "vm_connected", "vm_disco
                "vm_deauthorized", "auth_failed", "overflow", "shutdown")
 _EVENT_MARKS = [(name, b'{"event":"' + name.encode() + b'"') for name in EVENT_NAMES]
 _DROPPED = re.compile(rb'\{"event":"overflow","data":\{"dropped":(\d+)\}')
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: have the kernel send it SIGTERM when the process that started it
+    dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``), so no server outlives a killed suite."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def raise_fd_limit() -> int:
@@ -531,7 +543,7 @@ class Fleet:
                 if cpu is not None:
                     argv += ["--cpu", str(cpu)]
                 self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                   stderr=log, cwd=ROOT, env=env))
+                                                   stderr=log, cwd=ROOT, env=env, preexec_fn=die_with_parent))
                 self._bufs.append(bytearray())
             self.all({"op": "status"}, timeout=60.0)  # every worker is up and answering
         except BaseException:

@@ -177,7 +177,8 @@ class ServerProc:
     def start(self, timeout: float = 120.0) -> ServerProc:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, cwd=ROOT, env=_env(self.env))
+                                     stderr=subprocess.PIPE, cwd=ROOT, env=_env(self.env),
+                                     preexec_fn=fleet.die_with_parent)
         pin(self.proc.pid, SERVER_CPU)
         self._thread = threading.Thread(target=self._drain, name=f"{self.name}-stderr", daemon=True)
         self._thread.start()
@@ -705,7 +706,8 @@ class Prober:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.loadgen", "probe", "--port", str(port), "--interval", str(interval),
              "--max-seconds", "900"] + (["--cpu", str(CLIENT_CPU)] if can_pin() else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=_env())
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=_env(),
+            preexec_fn=fleet.die_with_parent)
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -1653,6 +1655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_path = Path(tempfile.gettempdir()) / f"vmserver-bench-smoke-{os.getpid()}.json"
     else:
         out_path = DEFAULT_OUT
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so every figure's servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     pin(0, CLIENT_CPU)
     fleet.raise_fd_limit()  # figures 6, 11 and 12 hold thousands of sockets (workers inherit it)
     info = machine()

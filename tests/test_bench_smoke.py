@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -468,6 +469,62 @@ def test_merge_results_keeps_the_other_figures_and_where_each_came_from() -> Non
 
 
 # --- (b) the whole suite, smoke-sized ---------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+    return kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # a zombie has stopped running
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_suite_killed_midway_leaves_no_process_behind(tmp_path: Path, sig: int) -> None:
+    """Its servers, workers and prober all stop: SIGTERM unwinds the suite, and after a SIGKILL
+    the kernel signals the servers (PR_SET_PDEATHSIG) while the others see their stdin end."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "11", "--out",
+                             str(tmp_path / "r.json")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not all(any(what in _cmdline(k) for k in kids) for what in ("vmserver", "fleet", "loadgen probe")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the figure never started its processes"
+            time.sleep(0.02)
+            kids = _children(proc.pid)
+        proc.send_signal(sig)
+        assert proc.wait(30) == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not all(_gone(k) for k in kids):
+            assert time.monotonic() < deadline, [(k, _cmdline(k)) for k in kids if not _gone(k)]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for k in kids:  # only if the test failed: nothing of ours may outlive it
+            if not _gone(k):
+                os.kill(k, signal.SIGKILL)
 
 
 FIGURE_NAMES = {"health_pipelined", "small_reads", "durable_writes", "agent_lifecycle", "large_inventory",
