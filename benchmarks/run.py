@@ -1038,7 +1038,7 @@ def wait_events(subs: Fleet, expected: int, names: Sequence[str], quiet: float, 
             break
         time.sleep(0.2)
     counts["wanted"] = got
-    counts["waited_s"] = now
+    counts["done_at"] = now
     return counts
 
 
@@ -1276,7 +1276,7 @@ def fig_subscribers(b: Bench, fig: Figure) -> None:
             entry.update(ops_per_s_with=result.rate, cpu_s_with=c1 - c0, events_expected=expected,
                          events_received=counts["wanted"], events_dropped=counts["dropped"],
                          events_other=sum(v for k, v in counts["events"].items() if k not in _LIFECYCLE_EVENTS),
-                         drain_s=counts["waited_s"] - end, subscribers_closed=counts["subs_closed"])
+                         drain_s=counts["done_at"] - end, subscribers_closed=counts["subs_closed"])
             entry["ratio"] = ratio(result.rate, plain.result.rate)
             entry["cpu_us_per_event"] = ((c1 - c0 - entry["cpu_s_without"]) / counts["wanted"] * 1e6
                                          if counts["wanted"] else None)
@@ -1499,7 +1499,7 @@ def fig_fleet(b: Bench, fig: Figure) -> None:
             expected = 2 * n * k
             counts = wait_events(subs, expected, ("vm_added", "vm_connected"), quiet=3.0, timeout=s.timeout)
             m.update(events_expected=expected, events_received=counts["wanted"], events_dropped=counts["dropped"],
-                     events_drain_s=counts["waited_s"] - storm2["last_reply"], subscribers_closed=counts["subs_closed"])
+                     events_drain_s=counts["done_at"] - storm2["last_reply"], subscribers_closed=counts["subs_closed"])
         finally:
             subs.close()
         fl.all({"op": "close"})
