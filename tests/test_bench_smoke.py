@@ -502,8 +502,10 @@ def _gone(pid: int) -> bool:
 def test_a_suite_killed_midway_leaves_no_process_behind(tmp_path: Path, sig: int) -> None:
     """Its servers, workers and prober all stop: SIGTERM unwinds the suite, and after a SIGKILL
     the kernel signals the servers (PR_SET_PDEATHSIG) while the others see their stdin end."""
+    # Its temporary directory under ours: a SIGKILL leaves it behind, pytest removes it.
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "11", "--out",
-                             str(tmp_path / "r.json")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             str(tmp_path / "r.json")], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kids: list[int] = []
     try:
