@@ -17,6 +17,9 @@ Modes:
   greeting, the script, close; ``concurrency`` at once) or on connections already open.
 - :func:`open_idle`: many connections that only read their greeting.
 - :class:`ListReader`: one request whose reply is a very long line, timed to its last byte.
+- :func:`burst`: many requests written at once on one connection, timed to the last reply.
+- :func:`send_and_never_read`, :func:`send_unterminated`: clients that leave the server holding
+  data (replies nobody reads, a line that never ends), for memory figures.
 - ``python -m benchmarks.loadgen probe``: an open-loop ``health`` prober run as its own
   process, which sends on a fixed schedule whatever happens and measures each reply from the
   moment its request was due, so a stalled server shows as many late replies, not one.
@@ -481,7 +484,7 @@ class ListReader:
         self.timeout = timeout
         self.buf = bytearray(max(size_hint, 1 << 16))
 
-    def fetch(self, cmd: str, rid: int) -> tuple[float, bytes]:
+    def fetch(self, cmd: str, rid: int, args: dict[str, Any] | None = None) -> tuple[float, bytes]:
         """Send one request and read its whole reply line.
 
         Returns (seconds from sending the request to receiving the reply's last byte, the line
@@ -491,7 +494,7 @@ class ListReader:
         view = memoryview(self.buf)
         try:
             t0 = time.perf_counter()
-            self.sock.sendall(request_line(cmd, None, rid))
+            self.sock.sendall(request_line(cmd, args, rid))
             deadline = time.monotonic() + self.timeout
             while True:
                 if n == len(self.buf):  # grow (only the first time a list is this long)
@@ -528,6 +531,157 @@ def check_list_reply(line: bytes, rid: int, expected_len: int) -> int:
         got = len(result) if isinstance(result, list) else type(result).__name__
         raise LoadError(f"expected a list of {expected_len}, got {got}")
     return len(result)
+
+
+# --- bursts and clients that do not read ------------------------------------------------------
+
+
+def burst(port: int, data: bytes, replies: int, timeout: float = 120.0) -> tuple[float, float, bytes]:
+    """Write ``data`` (many request lines) on a new connection as fast as the socket takes it,
+    reading meanwhile, until ``replies`` lines have come back.
+
+    Returns (``time.monotonic()`` before the first byte was sent, when the last reply line was
+    complete, the reply lines). Reading while writing keeps the server from waiting on us: a
+    large burst is then limited by the server alone. Check the lines afterwards, untimed.
+    """
+    sock, buf = open_connection(port, timeout=timeout)
+    sel = selectors.DefaultSelector()
+    try:
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        view = memoryview(data)
+        got = bytearray(buf)
+        lines = got.count(b"\n")
+        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        while lines < replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LoadError(f"burst: {lines} of {replies} replies after {timeout}s")
+            for _, mask in sel.select(min(left, 1.0)):
+                if mask & selectors.EVENT_WRITE and view:
+                    try:
+                        view = view[sock.send(view):]
+                    except BlockingIOError:
+                        pass
+                    if not view:
+                        sel.modify(sock, selectors.EVENT_READ)
+                if mask & selectors.EVENT_READ:
+                    try:
+                        chunk = sock.recv(_RECV)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        raise LoadError(f"burst: connection closed after {lines} of {replies} replies")
+                    lines += chunk.count(b"\n")
+                    got += chunk
+        t1 = time.monotonic()
+    except ConnectionError as exc:
+        raise LoadError(f"burst: connection error: {exc}") from None
+    finally:
+        sel.close()
+        sock.close()
+    return t0, t1, bytes(got)
+
+
+def check_burst(data: bytes, replies: int, result: Callable[[Any], bool]) -> None:
+    """:raises LoadError: unless ``data`` is exactly the replies to ids 0..replies-1, in order,
+    each ``ok`` with a result for which ``result`` is true."""
+    lines = data.split(b"\n")
+    if lines[-1] != b"" or len(lines) != replies + 1:
+        raise LoadError(f"burst: expected {replies} reply lines, got {len(lines) - 1}")
+    for rid, line in enumerate(lines[:-1]):
+        msg = _parse(line)
+        if msg.get("id") != rid or msg.get("ok") is not True or not result(msg.get("result")):
+            raise LoadError(f"burst: reply {rid} is not the expected one: {line[:200]!r}")
+
+
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (Linux)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Has the server closed (or reset) this connection? Read from the kernel's TCP state, so
+    nothing waiting to be read is consumed or waited for."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED
+    except OSError:
+        return True
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in the socket's receive queue (FIONREAD): what the server has sent us."""
+    import fcntl
+    import termios
+
+    out = array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, out)
+    return out[0]
+
+
+def send_and_never_read(port: int, n: int, line: bytes, timeout: float = 120.0) -> list[socket.socket]:
+    """``n`` connections, each sending ``line`` once and then reading nothing. The caller closes them."""
+    socks = [open_connection(port, timeout=timeout)[0] for _ in range(n)] if n else []
+    try:
+        for sock in socks:
+            sock.sendall(line)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def send_unterminated(port: int, n: int, size: int, timeout: float = 120.0) -> tuple[list[socket.socket], int]:
+    """``n`` connections, each sending ``size`` bytes with no newline (one line never finished).
+
+    All are written to at once, as fast as the server reads. Returns the sockets still open and
+    how many the server closed (or reset) meanwhile. The caller closes the sockets.
+    """
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(open_connection(port, timeout=timeout)[0])
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    payload = memoryview(b"x" * size)
+    sel = selectors.DefaultSelector()
+    left = {}
+    closed = 0
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_WRITE)
+            left[sock] = payload
+        deadline = time.monotonic() + timeout
+        while left:
+            if time.monotonic() > deadline:
+                raise LoadError(f"unterminated lines: {len(left)} of {n} connections still sending after {timeout}s")
+            for key, _ in sel.select(1.0):
+                sock = key.fileobj
+                try:
+                    rest = left[sock][sock.send(left[sock]):]  # type: ignore[index, union-attr]
+                except BlockingIOError:
+                    continue
+                except OSError:  # the server hung up on this one
+                    closed += 1
+                    sel.unregister(sock)
+                    del left[sock]  # type: ignore[arg-type]
+                    sock.close()  # type: ignore[union-attr]
+                    continue
+                if rest:
+                    left[sock] = rest  # type: ignore[index]
+                else:
+                    sel.unregister(sock)
+                    del left[sock]  # type: ignore[arg-type]
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    finally:
+        sel.close()
+    return [s for s in socks if s.fileno() != -1], closed
 
 
 # --- the open-loop prober (its own process) -----------------------------------------------

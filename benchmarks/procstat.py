@@ -106,5 +106,10 @@ def cpu_busy_seconds(cpu: int) -> float | None:
     return None
 
 
+def open_files(pid: int) -> int:
+    """How many file descriptors the process has open (its sessions, for a server)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}/stat")

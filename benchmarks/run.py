@@ -4,6 +4,7 @@
     python -m benchmarks.run --smoke             # tiny sizes, 1 run: checks the suite works (seconds)
     python -m benchmarks.run --only 1,2 --runs 7 # some figures (numbers or names), more runs
     python -m benchmarks.run --out /tmp/r.json   # where the JSON results go
+    python -m benchmarks.run --only 8,9 --merge  # update those figures in the JSON, keep the others
     python -m benchmarks.run --only 7 --fsync-delay-ms 5   # figure 7 with a slower simulated disk
 
 It starts every server itself as a subprocess on 127.0.0.1 (ours on a temporary SQLite file
@@ -19,6 +20,11 @@ of the runs. Figures (see BENCHMARKS.md for what each measures and what limits i
 5. ``large_inventory``    100,000 VMs: get_all_vms/get_all_disks time and memory, health p99 meanwhile
 6. ``idle_sessions``      10,000 idle sessions: memory per session; the server still answers
 7. ``slow_disk_writes``   figure 3 with each fsync made 1 ms slower (a simulated slower disk)
+8. ``fairness``           one session's pipelined burst vs a bystander's health latency (40,000 VMs)
+9. ``memory``             server memory held for clients that do not read, or never end a line
+10. ``subscribers``       1,000 subscribers during the lifecycle workload: ops/s, CPU per event
+11. ``gc_pauses``         19,500 sessions holding VMs, then a burst of writes: stalls, GC pauses
+12. ``fleet``             10,000 agents: connect storm, mass disconnect, restart
 
 Results are printed as a table and written as JSON (default ``benchmarks/results.json``; in
 smoke mode a temporary file unless ``--out`` is given). Exit status: 0 when every figure
@@ -52,7 +58,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import loadgen, procstat
+from . import fleet, loadgen, procstat
+from .fleet import Fleet
 from .loadgen import LoadError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +89,25 @@ class Settings:
     idle_sessions: int = 10000
     probe_interval: float = 0.005
     timeout: float = 300.0  # no single workload may take longer than this
+    cheap_runs: int = 3  # figures 8-10: runs each (at most ``runs``); 11 and 12 run once
+    fair_vms: int = 40000  # figures 8 and 9a: the inventory
+    fair_burst: int = 1000  # figure 8: list requests in one burst
+    fair_health_burst: int = 100000  # figure 8: health requests in one burst
+    unread_readers: int = 60  # figure 9a
+    unterminated_conns: int = 300  # figure 9b
+    unterminated_bytes: int = 1048575  # figure 9b: one byte short of the default line limit
+    subscribers: int = 1000  # figure 10 (its agents: figure 4's lifecycle_agents)
+    gc_sessions: int = 19500  # figure 11 (the server's hard open-file limit is 20,000)
+    gc_burst_ops: int = 1000  # figure 11
+    fleet_agents: int = 10000  # figure 12
+    fleet_subscribers: int = 200  # figure 12
+    workers: int = 4  # load-generator processes for figures 11 and 12 (more if needed)
     smoke: bool = False
+
+    @property
+    def quiet(self) -> float:
+        """Figures 9 and 11: how long memory must stay put to count as settled, a pause between bursts."""
+        return 0.2 if self.smoke else 1.0
 
     @property
     def medium_vms(self) -> int:
@@ -92,7 +117,9 @@ class Settings:
 FULL = Settings()
 SMOKE = Settings(runs=1, pipelined_requests=200, window=16, connections=5, concurrent_requests=200,
                  write_agents=5, write_rounds=4, lifecycle_agents=20, large_vms=100, warm_calls=1,
-                 idle_sessions=50, timeout=60.0, smoke=True)
+                 idle_sessions=50, timeout=60.0, fair_vms=300, fair_burst=20, fair_health_burst=500,
+                 unread_readers=4, unterminated_conns=4, subscribers=10, gc_sessions=200,
+                 gc_burst_ops=40, fleet_agents=200, fleet_subscribers=3, workers=2, smoke=True)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -150,7 +177,8 @@ class ServerProc:
     def start(self, timeout: float = 120.0) -> ServerProc:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, cwd=ROOT, env=_env(self.env))
+                                     stderr=subprocess.PIPE, cwd=ROOT, env=_env(self.env),
+                                     preexec_fn=fleet.die_with_parent)
         pin(self.proc.pid, SERVER_CPU)
         self._thread = threading.Thread(target=self._drain, name=f"{self.name}-stderr", daemon=True)
         self._thread.start()
@@ -326,7 +354,8 @@ class Row:
 def check(value: float | None, op: str, limit: float) -> bool | None:
     if value is None:
         return None
-    return {"<=": value <= limit, "<": value < limit, ">=": value >= limit, ">": value > limit}[op]
+    return {"<=": value <= limit, "<": value < limit, ">=": value >= limit, ">": value > limit,
+            "==": value == limit}[op]
 
 
 @dataclass
@@ -677,7 +706,8 @@ class Prober:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.loadgen", "probe", "--port", str(port), "--interval", str(interval),
              "--max-seconds", "900"] + (["--cpu", str(CLIENT_CPU)] if can_pin() else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=_env())
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=_env(),
+            preexec_fn=fleet.die_with_parent)
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -927,6 +957,582 @@ def _idle_run(server: ServerProc, n: int, s: Settings) -> dict[str, Any]:
             "others_p99_ms": others.percentile(99) * 1e3, "idle_sessions_checked": len(sample)}
 
 
+# --- figures 8-12: fairness, memory, subscribers, pauses, a fleet -------------------------------
+
+
+def server_cpu(server: ServerProc) -> float:
+    """CPU seconds, from schedstat (ns) when the kernel has it, else /proc/<pid>/stat (10 ms ticks)."""
+    ticks, precise = server.cpu()
+    return ticks if precise is None else precise
+
+
+def cheap_runs(s: Settings) -> int:
+    return max(1, min(s.runs, s.cheap_runs))
+
+
+def window(samples: Sequence[Sequence[float]], start: float, end: float) -> dict[str, Any]:
+    """The prober's latencies for requests that fell due between ``start`` and ``end`` (monotonic)."""
+    inside = [lat for due, lat in samples if start <= due <= end]
+    return {"samples": len(inside),
+            "p50_ms": loadgen.percentile(inside, 50) * 1e3 if inside else None,
+            "p99_ms": loadgen.percentile(inside, 99) * 1e3 if inside else None,
+            "max_ms": max(inside) * 1e3 if inside else None}
+
+
+def settle_rss(pid: int, quiet: float = 1.0, timeout: float = 60.0, tolerance: int = 1 << 20) -> int:
+    """The server's RSS once it has stopped moving (within ``tolerance`` bytes for ``quiet`` s)."""
+    deadline = time.monotonic() + timeout
+    seen: collections.deque[tuple[float, int]] = collections.deque()
+    while True:
+        now, rss = time.monotonic(), procstat.rss(pid)
+        seen.append((now, rss))
+        while len(seen) > 1 and seen[1][0] <= now - quiet:  # keep one sample at least ``quiet`` old
+            seen.popleft()
+        span = now - seen[0][0]
+        values = [v for _, v in seen]
+        if (span >= quiet and max(values) - min(values) <= tolerance) or now > deadline:
+            return rss
+        time.sleep(0.1)
+
+
+def terminate(server: ServerProc, timeout: float = 60.0) -> tuple[int | None, float | None]:
+    """SIGTERM and wait: (exit status, seconds to exit); (status after SIGKILL, None) when it hung."""
+    assert server.proc is not None
+    t0 = time.perf_counter()
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        code = server.proc.wait(timeout)
+        return code, time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        return server.proc.wait(10.0), None
+
+
+def wait_connected(op: fleet.Operator, want: int, timeout: float, interval: float = 0.005) -> float:
+    """Poll ``stats`` until ``connected`` is ``want``; returns when (monotonic). :raises LoadError:"""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = op.call("stats")["connected"]
+        now = time.monotonic()
+        if got == want:
+            return now
+        if now > deadline:
+            raise LoadError(f"stats: {got} connected after {timeout}s, waiting for {want}")
+        time.sleep(interval)
+
+
+def wait_events(subs: Fleet, expected: int, names: Sequence[str], quiet: float, timeout: float) -> dict[str, Any]:
+    """The subscribers' counts once ``expected`` events of ``names`` were received or reported
+    dropped, or when none arrived for ``quiet`` seconds (then some are missing)."""
+    deadline = time.monotonic() + timeout
+    last, last_change = -1, time.monotonic()
+    while True:
+        counts = fleet.sum_counts(subs.all({"op": "count"}))
+        got = sum(counts["events"].get(n, 0) for n in names)
+        now = time.monotonic()
+        if got + counts["dropped"] >= expected:
+            break
+        if got != last:
+            last, last_change = got, now
+        elif now - last_change > quiet or now > deadline:
+            break
+        time.sleep(0.2)
+    counts["wanted"] = got
+    counts["done_at"] = now
+    return counts
+
+
+def agent_fleet(b: Bench, port: int, n: int, name: str) -> Fleet:
+    workers = max(b.s.workers, math.ceil(n / fleet.PER_WORKER))
+    return Fleet(port, workers, b.tmp, _env(), CLIENT_CPU if can_pin() else None, name=name)
+
+
+def open_agents(fl: Fleet, n: int, fmt: str, first: int = 0, script: list[Any] | None = None,
+                timeout: float = 300.0) -> dict[str, Any]:
+    """``n`` agent connections over the fleet's workers (each running ``script`` once greeted)."""
+    def cmd(start: int, count: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": "open", "count": count, "name_fmt": fmt, "first": first + start,
+                               "timeout": timeout}
+        if script:
+            out["script"] = script
+        return out
+
+    merged = fleet.merge(fl.spread(n, cmd, timeout + 30))
+    if merged["failures"] or merged["errors"]:
+        raise LoadError(f"opening {n} agents: {merged['failures']} failures, {merged['errors']} errors, "
+                        f"e.g. {merged['samples']}")
+    return merged
+
+
+_LIFECYCLE_EVENTS = ("vm_connected", "vm_authorized", "vm_updated", "vm_deauthorized", "vm_disconnected")
+
+
+def lifecycle_scripts(names: Sequence[str], run: int) -> list[list[tuple[str, dict[str, Any] | None]]]:
+    """Figure 4's agent lifecycle: five commands, one event each."""
+    return [[("connect_vm", {"vm_id": v}), ("authorize_vm", {"vm_id": v}),
+             ("update_vm", {"vm_id": v, "ram": 4096 + run}), ("deauthorize_vm", {"vm_id": v}),
+             ("disconnect_vm", {"vm_id": v})] for v in names]
+
+
+def fig_fairness(b: Bench, fig: Figure) -> None:
+    s = b.s
+    n = s.fair_vms
+    db = b.tmp / "fairness.db"
+    t0 = time.perf_counter()
+    build_db(db, *inventory_rows(n))
+    fig.metrics["db_build_s"] = time.perf_counter() - t0
+    server = b.ours("ours", db=db, timeout=600.0)
+    page = min(100, n)
+    variants: dict[str, tuple[str, str, dict[str, Any] | None, int, Callable[[Any], bool]]] = {
+        "prefix": (f"{s.fair_burst} x get_all_vms prefix=zzz (matches none)", "get_all_vms", {"prefix": "zzz"},
+                   s.fair_burst, lambda r: r == []),
+        "page": (f"{s.fair_burst} x get_all_vms connected=false limit=100", "get_all_vms",
+                 {"connected": False, "limit": 100}, s.fair_burst,
+                 lambda r: isinstance(r, list) and len(r) == page and not any(vm["connected"] for vm in r)),
+        "health": (f"{s.fair_health_burst} x health", "health", None, s.fair_health_burst, lambda r: r == "OK"),
+    }
+    windows: list[tuple[int, str, float, float]] = []
+    prober = Prober(server.port, s.probe_interval, b.tmp / "probe.log")
+    try:
+        time.sleep(0.3)
+        for run in range(cheap_runs(s)):
+            entry: dict[str, Any] = {"run": run}
+            for name in order(run, list(variants)):
+                _, cmd, args, count, good = variants[name]
+                prefix = loadgen.request_prefix(cmd, args)
+                data = b"".join(prefix + b"%d}\n" % i for i in range(count))
+                start, end, replies = loadgen.burst(server.port, data, count, timeout=s.timeout)
+                loadgen.check_burst(replies, count, good)  # after the clock stopped
+                windows.append((run, name, start, end))
+                entry[name] = {"requests": count, "burst_s": end - start, "bytes_sent": len(data),
+                               "bytes_received": len(replies)}
+                time.sleep(0.3)  # the bystander's backlog clears before the next burst
+            fig.runs.append(entry)
+        probed = prober.finish()
+    finally:
+        prober.kill()
+    for run, name, start, end in windows:
+        fig.runs[run][name].update(window(probed["samples"], start, end))
+    for name, (label, *_rest) in variants.items():
+        def med(key: str) -> float | None:
+            return med_of([r[name] for r in fig.runs], key)
+
+        fig.metrics[name] = {key: med(key) for key in ("burst_s", "p50_ms", "p99_ms", "max_ms", "samples")}
+        fig.row(f"{label} in one write: burst time", med("burst_s"), None, "s")
+        fig.row("  bystander health p50 meanwhile", med("p50_ms"), None, "ms")
+        fig.row("  bystander health p99 meanwhile", med("p99_ms"), None, "ms", target=("<", 50.0), target_on="ours")
+        fig.row("  bystander health max meanwhile", med("max_ms"), None, "ms")
+    fig.notes.append(
+        f"{n} VMs (two disks each) written to SQLite before the server starts; one session writes each burst "
+        "as fast as the socket takes it, reading the replies meanwhile, and the burst time runs to the last "
+        f"reply; a separate process sends health every {s.probe_interval * 1e3:g} ms (open loop), counted "
+        "when due during a burst; median of "
+        f"{cheap_runs(s)} runs; n/a: no health request fell due during the burst")
+
+
+_TOKEN = "bench-token-figure-9"
+
+
+def fig_memory(b: Bench, fig: Figure) -> None:
+    s = b.s
+    n = s.fair_vms
+    db = b.tmp / "memory.db"
+    build_db(db, *inventory_rows(n))
+    for run in range(cheap_runs(s)):
+        fig.runs.append({"run": run, "unread": _unread_run(b, db, n, run),
+                         "unterminated": _unterminated_run(b, run)})
+
+    def med(part: str, key: str) -> float | None:
+        return med_of([r[part] for r in fig.runs], key)
+
+    for part in ("unread", "unterminated"):
+        fig.metrics[part] = {key: med(part, key) for key in fig.runs[0][part]}
+    k, m, size = s.unread_readers, s.unterminated_conns, s.unterminated_bytes
+    fig.row(f"{k} connections each sent get_all_vms connected=false ({n} VMs), read nothing: RSS growth",
+            med("unread", "growth_mb"), None, "MB", target=("<", 60.0), target_on="ours")
+    fig.row("  per connection", med("unread", "per_connection_mb"), None, "MB")
+    fig.row("  peak (VmHWM) above the start", med("unread", "peak_growth_mb"), None, "MB")
+    fig.row("  after they closed: RSS above the start", med("unread", "after_close_mb"), None, "MB")
+    fig.row("  of them dropped by the server meanwhile", med("unread", "dropped"), None)
+    fig.row("  server's open files after they closed vs before", med("unread", "open_files_after_close"),
+            med("unread", "open_files_before"))
+    fig.row(f"{m} unauthenticated connections x {size:,} bytes without a newline: RSS growth",
+            med("unterminated", "growth_mb"), None, "MB", target=("<", 50.0), target_on="ours")
+    fig.row("  after they closed: RSS above the start", med("unterminated", "after_close_mb"), None, "MB",
+            target=("<", 50.0), target_on="ours")
+    fig.row("  of them closed by the server", med("unterminated", "closed_by_server"), None)
+    fig.row("  server's open files after they closed vs before", med("unterminated", "open_files_after_close"),
+            med("unterminated", "open_files_before"))
+    fig.notes.append(
+        f"RSS from /proc/<pid>/status once it stops moving (within 1 MB for 1 s), against the same after start-up "
+        f"(and, for the lists, after one such list was read in full); {k} clients each send one request and "
+        f"never read (the server started with --write-timeout 3600 so none is dropped for it); {m} clients on a "
+        f"server with --token each send {size:,} bytes with no newline and never authenticate; median of "
+        f"{cheap_runs(s)} runs, a fresh server for each part of each run; kernel socket buffers are not in RSS")
+
+
+def _unread_run(b: Bench, db: Path, n: int, run: int) -> dict[str, Any]:
+    s = b.s
+    args = {"connected": False}
+    server = b.ours(f"ours-unread-{run}", db=db, extra=["--write-timeout", "3600"], timeout=600.0)
+    try:
+        reader = loadgen.ListReader(server.port, size_hint=400 * n, timeout=s.timeout)
+        try:  # one such list read in full first: what it caches is not per-connection memory
+            loadgen.check_list_reply(reader.fetch("get_all_vms", 1, args)[1], 1, n)
+        finally:
+            reader.close()
+        before = settle_rss(server.pid, s.quiet)
+        fds_before = procstat.open_files(server.pid)
+        procstat.reset_peak(server.pid)
+        socks = loadgen.send_and_never_read(server.port, s.unread_readers,
+                                            loadgen.request_line("get_all_vms", args, 2), timeout=s.timeout)
+        try:
+            deadline = time.monotonic() + s.timeout
+            while not all(loadgen.unread_bytes(sock) > 0 or loadgen.closed_by_peer(sock) for sock in socks):
+                if time.monotonic() > deadline:
+                    raise LoadError("not every unread connection got the start of its reply")
+                time.sleep(0.05)  # every one has its reply started: the server has built them all
+            during = settle_rss(server.pid, s.quiet)
+            peak = server.mem()["peak"]
+            dropped = sum(1 for sock in socks if loadgen.closed_by_peer(sock))
+            fleet.Operator(server.port).close()  # still taking new sessions
+        finally:
+            for sock in socks:
+                sock.close()
+        after = settle_rss(server.pid, s.quiet)
+        fds = procstat.open_files(server.pid)
+    finally:
+        b.stop(server)
+    k = s.unread_readers
+    return {"rss_before_mb": before / 2**20, "rss_during_mb": during / 2**20, "growth_mb": (during - before) / 2**20,
+            "per_connection_mb": (during - before) / 2**20 / k, "peak_growth_mb": (peak - before) / 2**20,
+            "after_close_mb": (after - before) / 2**20, "dropped": dropped, "open_files_before": fds_before,
+            "open_files_after_close": fds}
+
+
+def _unterminated_run(b: Bench, run: int) -> dict[str, Any]:
+    s = b.s
+    server = b.ours(f"ours-unterminated-{run}", extra=["--token", _TOKEN])
+    try:
+        before = settle_rss(server.pid, s.quiet)
+        fds_before = procstat.open_files(server.pid)
+        socks, closed = loadgen.send_unterminated(server.port, s.unterminated_conns, s.unterminated_bytes,
+                                                  timeout=s.timeout)
+        try:
+            during = settle_rss(server.pid, s.quiet)
+            closed += sum(1 for sock in socks if loadgen.closed_by_peer(sock))
+            op = fleet.Operator(server.port)
+            try:
+                op.call("health")  # still answering
+            finally:
+                op.close()
+        finally:
+            for sock in socks:
+                sock.close()
+        after = settle_rss(server.pid, s.quiet)
+        fds = procstat.open_files(server.pid)
+    finally:
+        b.stop(server)
+    return {"rss_before_mb": before / 2**20, "rss_during_mb": during / 2**20, "growth_mb": (during - before) / 2**20,
+            "after_close_mb": (after - before) / 2**20, "closed_by_server": closed, "open_files_before": fds_before,
+            "open_files_after_close": fds}
+
+
+def fig_subscribers(b: Bench, fig: Figure) -> None:
+    s = b.s
+    m, n = s.subscribers, s.lifecycle_agents
+    server = b.ours("ours", extra=["--max-connections", str(max(10000, m + n + 100))])
+    names = [f"agent-{i}" for i in range(n)]
+    populate(server.port, [vm_spec(v) for v in names])  # before anyone subscribes: no vm_added events
+    expected = len(_LIFECYCLE_EVENTS) * n * m
+    subs = Fleet(server.port, 1, b.tmp, _env(), CLIENT_CPU if can_pin() else None, name="subscribers")
+    try:
+        for run in range(cheap_runs(s)):
+            entry: dict[str, Any] = {"run": run}
+            prober = Prober(server.port, s.probe_interval, b.tmp / f"probe-{run}.log")
+            try:
+                scripts = lifecycle_scripts(names, 2 * run)
+                plain_start = time.monotonic()
+                plain = measure(server, lambda: loadgen.run_sessions(server.port, scripts, concurrency=n,
+                                                                      timeout=s.timeout), 5 * n)
+                plain_end = time.monotonic()
+                entry["ops_per_s_without"] = plain.result.rate
+                entry["cpu_s_without"] = plain.cpu_s if plain.cpu_precise_s is None else plain.cpu_precise_s
+                subscribed = subs.all({"op": "subscribe", "count": m, "timeout": s.timeout}, s.timeout + 30)
+                if subscribed[0]["ok"] != m:
+                    raise LoadError(f"{subscribed[0]['ok']} of {m} subscribed: {subscribed[0]['samples']}")
+                scripts = lifecycle_scripts(names, 2 * run + 1)
+                c0 = server_cpu(server)
+                start = time.monotonic()
+                result = loadgen.run_sessions(server.port, scripts, concurrency=n, timeout=s.timeout)
+                end = time.monotonic()
+                result.require_all_ok(5 * n)
+                counts = wait_events(subs, expected, _LIFECYCLE_EVENTS, quiet=3.0, timeout=s.timeout)
+                c1 = server_cpu(server)
+                probed = prober.finish()
+            finally:
+                prober.kill()
+            subs.all({"op": "close_subs"})
+            entry.update(ops_per_s_with=result.rate, cpu_s_with=c1 - c0, events_expected=expected,
+                         events_received=counts["wanted"], events_dropped=counts["dropped"],
+                         events_other=sum(v for k, v in counts["events"].items() if k not in _LIFECYCLE_EVENTS),
+                         drain_s=counts["done_at"] - end, subscribers_closed=counts["subs_closed"])
+            entry["ratio"] = ratio(result.rate, plain.result.rate)
+            entry["cpu_us_per_event"] = ((c1 - c0 - entry["cpu_s_without"]) / counts["wanted"] * 1e6
+                                         if counts["wanted"] else None)
+            entry.update({f"health_{k}": v for k, v in window(probed["samples"], start, end).items()})
+            entry.update({f"health_without_{k}": v
+                          for k, v in window(probed["samples"], plain_start, plain_end).items()})
+            fig.runs.append(entry)
+    finally:
+        subs.close()
+
+    def med(key: str) -> float | None:
+        return med_of(fig.runs, key)
+
+    fig.metrics = {key: med(key) for key in fig.runs[0] if key != "run"}
+    with_, without = med("ops_per_s_with"), med("ops_per_s_without")
+    fig.row(f"lifecycle ops/s, {m} subscribers vs none (same run)", with_, without, "/s", ratio(with_, without))
+    fig.row(f"lifecycle ops/s with {m} subscribers", with_, None, "/s", target=(">=", 175.0), target_on="ours")
+    fig.row("  the same in agent lifecycles/s (5 commands each)", ratio(with_, 5), ratio(without, 5), "/s",
+            ratio(with_, without))
+    fig.row("server CPU per delivered event", med("cpu_us_per_event"), None, "µs")
+    fig.row("events received of expected", med("events_received"), expected, "",
+            ratio(med("events_received"), expected))
+    fig.row("events dropped (overflow lines)", med("events_dropped"), None)
+    fig.row(f"bystander health p99 during the run, {m} subscribers vs none", med("health_p99_ms"),
+            med("health_without_p99_ms"), "ms", ratio(med("health_p99_ms"), med("health_without_p99_ms")))
+    fig.row(f"bystander health max during the run, {m} subscribers vs none", med("health_max_ms"),
+            med("health_without_max_ms"), "ms", ratio(med("health_max_ms"), med("health_without_max_ms")))
+    fig.notes.append(
+        f"{n} agents at once, each on a new connection: connect_vm, authorize_vm, update_vm, deauthorize_vm, "
+        f"disconnect_vm (figure 4's lifecycle, VMs registered beforehand without passwords): first with no "
+        f"subscriber, then with {m} sessions subscribed to every event, read as they arrive by a separate process "
+        f"(expected: {len(_LIFECYCLE_EVENTS)} events per agent per subscriber); CPU per event = (server CPU from the "
+        "second run's start until the subscribers had every event - the first run's CPU) / events received; "
+        f"median of {cheap_runs(s)} runs")
+
+
+_GC_LOG = re.compile(r"gc: (\d+) collections, longest pause ([0-9.]+) ms, (\d+) over 20 ms")
+
+
+def gc_report(log_text: str) -> dict[str, Any] | None:
+    """The server's shutdown line about its garbage collector, or None when it logged none."""
+    found = _GC_LOG.findall(log_text)
+    if not found:
+        return None
+    collections_, longest, over = found[-1]
+    return {"collections": int(collections_), "longest_pause_ms": float(longest), "over_20ms": int(over)}
+
+
+def burst_script(k: int) -> list[list[Any]]:
+    """Burst ``k`` of figure 11 for one agent: register and connect a new VM, authorize it, update it twice."""
+    vm = f"{{vm}}-b{k}"
+    return [
+        ["connect_vm", {"vm_id": vm, "ram": 1024, "cpu": 1, "disks": [{"disk_id": f"{vm}-d0", "size": 10}]}],
+        ["authorize_vm", {"vm_id": vm}],
+        ["update_vm", {"vm_id": vm, "ram": 2048}],
+        ["update_vm", {"vm_id": vm, "disks": [{"disk_id": f"{vm}-d0", "size": 20}, {"disk_id": f"{vm}-d1", "size": 30}]}],
+    ]
+
+
+def fig_gc_pauses(b: Bench, fig: Figure) -> None:
+    s = b.s
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    n = s.gc_sessions
+    if limit != resource.RLIM_INFINITY and n > limit - 400:
+        n = limit - 400
+        fig.notes.append(f"open-file limit {limit}: measured {n} sessions, not {s.gc_sessions}")
+    db = b.tmp / "gc.db"
+    build_db(db, *inventory_rows(n))
+    server = b.ours("ours", db=db, extra=["--max-connections", str(n + 100)], timeout=600.0)
+    fl = agent_fleet(b, server.port, n, "agents")
+    op = fleet.Operator(server.port)
+    steps = len(burst_script(0))
+    agents = max(1, s.gc_burst_ops // steps)
+    m: dict[str, Any] = {"sessions": n, "load_generators": len(fl), "burst_ops": agents * steps,
+                         "burst_agents": agents}
+    bursts: list[dict[str, Any]] = []
+    try:
+        prober = Prober(server.port, s.probe_interval, b.tmp / "probe.log")
+        try:
+            time.sleep(0.5)
+            opened = open_agents(fl, n, "vm-%06d", first=1, script=[["connect_vm", {"vm_id": "{vm}"}]],
+                                 timeout=s.timeout)
+            wait_connected(op, n, 30.0)
+            shares = fleet.split(agents, len(fl))
+            for k in range(cheap_runs(s)):
+                time.sleep(s.quiet)  # a quiet second before each burst
+                burst = fleet.merge(fl.ask([{"op": "run", "script": burst_script(k), "start": 0, "stop": count,
+                                             "timeout": s.timeout} if count else None for _, count in shares],
+                                           s.timeout + 30))
+                fleet.require(burst, agents * steps, f"burst {k}")
+                bursts.append(burst)
+            time.sleep(0.5)
+            probed = prober.finish()
+        finally:
+            prober.kill()
+        t0 = time.monotonic()
+        fl.all({"op": "close"})
+        m["mass_close_s"] = wait_connected(op, 0, 120.0) - t0
+    finally:
+        op.close()
+        fl.close()
+    code, exit_s = terminate(server)
+    b.stop(server)
+    samples = probed["samples"]
+    m["open_and_connect_s"] = opened["last_reply"] - opened["t0"]
+    m.update({f"open_health_{key}": v for key, v in window(samples, opened["t0"], opened["last_reply"]).items()})
+    for k, burst in enumerate(bursts):
+        entry = {"burst": k, "burst_s": burst["last_reply"] - burst["first_send"], "op_p99_ms": burst["p99_ms"]}
+        entry.update({f"health_{key}": v for key, v in window(samples, burst["first_send"], burst["last_reply"]).items()})
+        fig.runs.append(entry)
+    for key in ("burst_s", "op_p99_ms", "health_p50_ms", "health_p99_ms", "health_max_ms", "health_samples"):
+        m[key] = med_of(fig.runs, key)
+    m["health_max_ms_any_burst"] = max((r["health_max_ms"] for r in fig.runs if r["health_max_ms"] is not None),
+                                       default=None)
+    m["health_max_ms_whole_probe"] = max(lat for _, lat in samples) * 1e3
+    m.update(exit_status=code, exit_s=exit_s)
+    gc = gc_report(server.log_path.read_text(errors="replace"))
+    m["gc"] = gc
+    fig.metrics = m
+    fig.row(f"{n} sessions opened, each connect_vm'ing its own VM", m["open_and_connect_s"], None, "s")
+    fig.row("  bystander health p99 meanwhile", m["open_health_p99_ms"], None, "ms")
+    fig.row("  bystander health max meanwhile", m["open_health_max_ms"], None, "ms")
+    fig.row(f"burst of {m['burst_ops']} ops (connect/authorize/update x2) from {agents} of them", m["burst_s"],
+            None, "s")
+    fig.row("  bystander health p99 during the burst", m["health_p99_ms"], None, "ms")
+    fig.row("  bystander health max during the bursts", m["health_max_ms_any_burst"], None, "ms")
+    if gc is None:
+        fig.row("longest GC pause (server's shutdown log): not logged", None, None, "ms",
+                target=("<=", 20.0), target_on="ours")
+        fig.notes.append("the server logged no 'gc: N collections, longest pause X ms, K over 20 ms' line")
+    else:
+        fig.row("longest GC pause (server's shutdown log)", gc["longest_pause_ms"], None, "ms",
+                target=("<=", 20.0), target_on="ours")
+        fig.row("  GC collections / of them over 20 ms", gc["collections"], gc["over_20ms"])
+    fig.notes.append(
+        f"{n} VMs written to SQLite before the server starts (--max-connections {n + 100}); {m['load_generators']} "
+        f"load-generator processes open {n} sessions and each connect_vm's its VM; then {cheap_runs(s)} bursts, "
+        f"a quiet second before each, in which {agents} of the sessions each connect_vm a new VM (registering "
+        "it), authorize_vm it and update_vm it twice, all at once (burst figures: the median burst); a separate "
+        f"process sends health every {s.probe_interval * 1e3:g} ms throughout; the GC figure is the server's own, "
+        "logged when it stops (after every session closed), so it covers its whole run; one server")
+
+
+_AGENT_SCRIPT = [["connect_vm", {"vm_id": "{vm}", "ram": 2048, "cpu": 2,
+                                 "disks": [{"disk_id": "{vm}-d0", "size": 100}, {"disk_id": "{vm}-d1", "size": 200}]}]]
+
+
+def fig_fleet(b: Bench, fig: Figure) -> None:
+    s = b.s
+    n, k = s.fleet_agents, s.fleet_subscribers
+    extra = ["--max-connections", str(max(10000, n + k + 100))]
+    m: dict[str, Any] = {"agents": n, "subscribers": k}
+    db = b.tmp / "fleet.db"
+    server = b.ours("ours", db=db, extra=extra)
+    fl = agent_fleet(b, server.port, n, "agents")
+    m["load_generators"] = len(fl)
+    try:
+        # (a) the connect storm: every agent registers its VM at once, on connections already open
+        opened = open_agents(fl, n, "agent-%05d", timeout=s.timeout)
+        m["open_s"] = opened["t1"] - opened["t0"]
+        storm = fleet.require(fleet.merge(fl.all({"op": "run", "script": _AGENT_SCRIPT, "timeout": s.timeout},
+                                                 s.timeout + 30)), n, "connect storm")
+        m["storm_s"] = storm["last_reply"] - storm["first_send"]
+        m["storm_p99_ms"] = storm["p99_ms"]
+        op = fleet.Operator(server.port)
+        try:
+            wait_connected(op, n, 30.0)
+            # (b) mass disconnect: every agent closes at once
+            prober = Prober(server.port, s.probe_interval, b.tmp / "probe.log")
+            try:
+                time.sleep(0.3)
+                asked = fl.send([{"op": "close"}] * len(fl))
+                zero = wait_connected(op, 0, s.timeout)
+                closes = fl.wait(asked, 60.0)
+                start = min(a["t0"] for a in closes.values())
+                time.sleep(0.3)
+                probed = prober.finish()
+            finally:
+                prober.kill()
+            m["mass_disconnect_s"] = zero - start
+            m.update({f"disconnect_health_{key}": v for key, v in window(probed["samples"], start, zero).items()})
+            live = open_agents(fl, n, "agent-%05d", script=_AGENT_SCRIPT, timeout=s.timeout)
+            m["reconnect_live_s"] = live["last_reply"] - live["t0"]
+            wait_connected(op, n, 30.0)
+        finally:
+            op.close()
+        # (c) restart: SIGTERM with every agent connected, a new server on the same file, all reconnect
+        before = sum(a["closed_by_server"] for a in fl.all({"op": "status"}))
+        code, exit_s = terminate(server)
+        b.stop(server)
+        m.update(exit_status=code, exit_s=exit_s)
+        time.sleep(0.5)
+        status = fl.all({"op": "status"})
+        m["closed_by_server_at_exit"] = sum(a["closed_by_server"] for a in status) - before
+        m["shutdown_events"] = sum(a["agent_events"].get("shutdown", 0) for a in status)
+        again = b.ours("ours-restarted", db=db, extra=extra)
+        m["restart_startup_s"] = again.startup_s
+        fl.all({"op": "port", "port": again.port})
+        back = open_agents(fl, n, "agent-%05d", script=_AGENT_SCRIPT, timeout=s.timeout)
+        m["reconnect_after_restart_s"] = back["last_reply"] - back["t0"]
+        op = fleet.Operator(again.port)
+        try:
+            wait_connected(op, n, 30.0)
+        finally:
+            op.close()
+        fl.all({"op": "close"})
+        b.stop(again)
+        # (a) again with subscribers, on a new file: every registration is two events for each
+        with_subs = b.ours("ours-subscribed", db=b.tmp / "fleet-subscribed.db", extra=extra)
+        fl.all({"op": "port", "port": with_subs.port})
+        subs = Fleet(with_subs.port, 1, b.tmp, _env(), CLIENT_CPU if can_pin() else None, name="subscribers")
+        try:
+            got = subs.all({"op": "subscribe", "count": k, "timeout": s.timeout}, s.timeout + 30)
+            if got[0]["ok"] != k:
+                raise LoadError(f"{got[0]['ok']} of {k} subscribed: {got[0]['samples']}")
+            open_agents(fl, n, "agent-%05d", timeout=s.timeout)
+            storm2 = fleet.require(fleet.merge(fl.all({"op": "run", "script": _AGENT_SCRIPT, "timeout": s.timeout},
+                                                      s.timeout + 30)), n, "connect storm with subscribers")
+            m["storm_subscribed_s"] = storm2["last_reply"] - storm2["first_send"]
+            expected = 2 * n * k
+            counts = wait_events(subs, expected, ("vm_added", "vm_connected"), quiet=3.0, timeout=s.timeout)
+            m.update(events_expected=expected, events_received=counts["wanted"], events_dropped=counts["dropped"],
+                     events_drain_s=counts["done_at"] - storm2["last_reply"], subscribers_closed=counts["subs_closed"])
+        finally:
+            subs.close()
+        fl.all({"op": "close"})
+    finally:
+        fl.close()
+    fig.metrics = m
+    fig.runs.append(dict(m))
+    fig.row(f"(a) connect storm: {n} agents connect_vm (registering) at once: all connected", m["storm_s"],
+            None, "s")
+    fig.row(f"  with {k} subscribers: events received of expected", m["events_received"], m["events_expected"], "",
+            ratio(m["events_received"], m["events_expected"]), (">=", 1.0))
+    fig.row(f"  storm time with {k} subscribers vs without", m["storm_subscribed_s"], m["storm_s"], "s",
+            ratio(m["storm_subscribed_s"], m["storm_s"]), ("<=", 1.5))
+    fig.row(f"(b) mass disconnect: {n} close at once: until stats shows connected 0", m["mass_disconnect_s"],
+            None, "s")
+    fig.row("  operator health p99 meanwhile", m["disconnect_health_p99_ms"], None, "ms", target=("<", 50.0),
+            target_on="ours")
+    fig.row(f"  then {n} reconnect and connect_vm on the live server", m["reconnect_live_s"], None, "s")
+    fig.row(f"(c) restart: SIGTERM with {n} connected: time to exit", m["exit_s"], None, "s",
+            target=("<=", 10.0), target_on="ours")
+    fig.row("  exit status", m["exit_status"], None, "", target=("==", 0), target_on="ours")
+    fig.row("  new server on the same file: start-up", m["restart_startup_s"], None, "s")
+    fig.row(f"  {n} reconnect and connect_vm: until all connected", m["reconnect_after_restart_s"], None, "s")
+    fig.notes.append(
+        f"{n} agents, each on its own connection, over {m['load_generators']} load-generator processes (at most 256 connects "
+        "in progress in each, so the accept queue never overflows); storm = first connect_vm sent to the last "
+        "reply, on connections already open and greeted; reconnects count from the first connect; the mass "
+        "disconnect from the first close to the first stats showing connected 0 (polled every 5 ms), with a "
+        f"separate process sending health every {s.probe_interval * 1e3:g} ms; the subscribers ({k} sessions "
+        "subscribed to every event, read as they arrive by a separate process) expect vm_added and vm_connected "
+        "per agent; one run")
+
+
 FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (1, "health_pipelined", "health pipelined on one connection", fig_health_pipelined),
     (2, "small_reads", "concurrent small reads: health, get_all_vms of 10 VMs", fig_small_reads),
@@ -935,6 +1541,11 @@ FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (5, "large_inventory", "a large inventory", fig_large_inventory),
     (6, "idle_sessions", "idle sessions", fig_idle_sessions),
     (7, "slow_disk_writes", "figure 3 on a simulated slower disk", fig_slow_disk_writes),
+    (8, "fairness", "a pipelined burst and a bystander", fig_fairness),
+    (9, "memory", "memory held for clients that do not read or never end a line", fig_memory),
+    (10, "subscribers", "subscribers during the agent lifecycle", fig_subscribers),
+    (11, "gc_pauses", "many sessions, a burst of writes: stalls and GC pauses", fig_gc_pauses),
+    (12, "fleet", "a fleet of agents: connect storm, mass disconnect, restart", fig_fleet),
 ]
 
 
@@ -1007,12 +1618,24 @@ def select_figures(only: str | None) -> list[tuple[int, str, str, Callable[[Benc
     return chosen
 
 
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the figures of ``new`` put in (in figure order); the machine, settings and
+    start of the run that measured them are listed under ``merged``, so no figure loses its context."""
+    figures = {**old.get("figures", {}), **new["figures"]}
+    out = {**old, "figures": dict(sorted(figures.items(), key=lambda kv: kv[1].get("figure", 0)))}
+    out["merged"] = [m for m in old.get("merged", []) if not set(m["figures"]) <= set(new["figures"])] + [
+        {key: new[key] for key in ("started", "seconds", "machine", "settings")} | {"figures": list(new["figures"])}]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description="vmserver benchmark suite")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one run: checks the suite works")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 5; 1 with --smoke)")
     parser.add_argument("--only", default=None, help="comma-separated figure numbers or names")
     parser.add_argument("--out", default=None, help=f"JSON results file (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the figures already in the JSON file that were not run now (replace the others)")
     parser.add_argument("--fsync-delay-ms", type=float, default=None,
                         help=f"figure 7: how much longer each fsync takes (default {FULL.fsync_delay_ms:g})")
     args = parser.parse_args(argv)
@@ -1032,7 +1655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_path = Path(tempfile.gettempdir()) / f"vmserver-bench-smoke-{os.getpid()}.json"
     else:
         out_path = DEFAULT_OUT
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so every figure's servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     pin(0, CLIENT_CPU)
+    fleet.raise_fd_limit()  # figures 6, 11 and 12 hold thousands of sockets (workers inherit it)
     info = machine()
     print(f"vmserver benchmarks{' (smoke: sizes too small for the targets to mean anything)' if settings.smoke else ''}: "
           f"{info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']}, {settings.runs} run(s) per figure; "
@@ -1072,7 +1698,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INTERFERENCE:
         info["server_cpu_taken_by_others"] = {"median": median(INTERFERENCE), "max": max(INTERFERENCE)}
         print(f"\ninterference: other processes used {median(INTERFERENCE):.0%} (median; worst {max(INTERFERENCE):.0%}) "
-              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4 and 7")
+              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7 and 10")
+    if args.merge and out_path.exists():
+        results = merge_results(json.loads(out_path.read_text()), results)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"\nresults written to {out_path}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,11 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is not installed: it is imported from the checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import loadgen, procstat, reference_server  # noqa: E402
+from benchmarks import fleet, loadgen, procstat, reference_server  # noqa: E402
+from benchmarks.fleet import Fleet  # noqa: E402
 from benchmarks.loadgen import LoadError  # noqa: E402
-from benchmarks.run import Bench, SMOKE, ServerStartError, vm_spec  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    Bench, SMOKE, ServerStartError, _env, check, gc_report, merge_results, settle_rss, terminate, vm_spec,
+)
 
-SMOKE_TIMEOUT = 60.0  # the smoke run must finish well within this (it takes seconds)
+SMOKE_TIMEOUT = 100.0  # the smoke run must finish well within this (it takes seconds; pytest's own limit: 120)
 
 
 # --- servers as subprocesses ------------------------------------------------------------------
@@ -283,11 +287,250 @@ def test_percentile_and_histogram() -> None:
     assert sum(count for _, count in loadgen.histogram(values)) == 100
 
 
+# --- bursts, clients that never read, and the fleet's worker processes ------------------------
+
+
+def test_burst_reads_every_reply_in_order_and_check_burst_judges_them(ours: int) -> None:
+    prefix = loadgen.request_prefix("health", None)
+    data = b"".join(prefix + b"%d}\n" % i for i in range(500))
+    start, end, replies = loadgen.burst(ours, data, 500, timeout=30)
+    assert end >= start and replies.count(b"\n") == 500
+    loadgen.check_burst(replies, 500, lambda r: r == "OK")
+    with pytest.raises(LoadError, match="expected 501"):
+        loadgen.check_burst(replies, 501, lambda r: r == "OK")
+    with pytest.raises(LoadError, match="reply 0"):
+        loadgen.check_burst(replies, 500, lambda r: r == [])
+    bad = loadgen.request_prefix("no_such_command", None)
+    _, _, replies = loadgen.burst(ours, bad + b"0}\n", 1, timeout=30)
+    with pytest.raises(LoadError, match="not the expected one"):  # an error reply is not a success
+        loadgen.check_burst(replies, 1, lambda r: True)
+
+
+def test_unread_replies_wait_in_the_socket_and_a_closed_peer_is_seen(bench: Bench) -> None:
+    server = bench.ours("unread")
+    socks = loadgen.send_and_never_read(server.port, 3, loadgen.request_line("health", None, 1))
+    try:
+        deadline = time.monotonic() + 10
+        while not all(loadgen.unread_bytes(sock) > 0 for sock in socks):
+            assert time.monotonic() < deadline, "no reply arrived"
+            time.sleep(0.01)
+        assert not any(loadgen.closed_by_peer(sock) for sock in socks)
+        assert socks[0].recv(4096) == b'{"id":1,"ok":true,"result":"OK"}\n'  # what was waiting: the reply
+        code, seconds = terminate(server)
+        bench.stop(server)
+        assert code == 0 and seconds is not None
+        deadline = time.monotonic() + 10
+        while not all(loadgen.closed_by_peer(sock) for sock in socks):
+            assert time.monotonic() < deadline, "the server's close was not seen"
+            time.sleep(0.01)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_unterminated_lines_are_sent_whole_and_the_server_holds_them(bench: Bench) -> None:
+    server = bench.ours("unterminated", extra=["--token", "t0ken"])
+    socks, closed = loadgen.send_unterminated(server.port, 3, 200_000, timeout=30)
+    try:
+        assert (len(socks), closed) == (3, 0)
+        assert not any(loadgen.closed_by_peer(sock) for sock in socks)
+        # The 200,000 bytes were one line: ended, they get one error reply, and the next line its own.
+        socks[0].sendall(b'\n{"cmd":"health","id":9}\n')
+        socks[0].settimeout(10)
+        reader = socks[0].makefile("rb")
+        assert json.loads(reader.readline())["ok"] is False
+        assert json.loads(reader.readline()) == {"id": 9, "ok": True, "result": "OK"}
+    finally:
+        for sock in socks:
+            sock.close()
+    assert settle_rss(server.pid, quiet=0.2, timeout=5) > 0
+
+
+@pytest.fixture
+def workers(bench: Bench, ours: int) -> Iterator[Fleet]:
+    fl = Fleet(ours, 2, bench.tmp, _env(), name="test-fleet")
+    procs = list(fl.procs)
+    try:
+        yield fl
+    finally:
+        fl.close()
+    assert all(proc.returncode is not None for proc in procs)  # every worker was stopped
+
+
+_REGISTER = [["connect_vm", {"vm_id": "{vm}", "ram": 1024, "cpu": 1, "disks": [{"disk_id": "{vm}-d", "size": 5}]}]]
+
+
+def test_fleet_agents_connect_over_several_workers_and_close(ours: int, workers: Fleet) -> None:
+    assert fleet.split(7, 2) == [(0, 4), (4, 3)]
+    op = fleet.Operator(ours)
+    try:
+        opened = fleet.merge(workers.spread(7, lambda first, count: {
+            "op": "open", "count": count, "name_fmt": "ag-%d", "first": first, "script": _REGISTER}))
+        fleet.require(opened, 7, "open")
+        assert len(opened["latencies"]) == 7 and opened["first_send"] <= opened["last_reply"]
+        assert op.call("stats")["connected"] == 7
+        assert op.call("get_vm", {"vm_id": "ag-6"})["disks"][0]["disk_id"] == "ag-6-d"  # {vm} was filled in
+        # A command the server refuses is an error, never a success.
+        refused = fleet.merge(workers.all({"op": "run", "script": [["update_vm", {"vm_id": "{vm}", "ram": 8}]]}))
+        assert (refused["ok"], refused["errors"]) == (0, 7)
+        assert refused["samples"][0]["code"] == "not_authorized"
+        with pytest.raises(LoadError, match="0 of 7 ok"):
+            fleet.require(refused, 7, "update")
+        closed = workers.all({"op": "close"})
+        assert sum(a["closed"] for a in closed) == 7
+        deadline = time.monotonic() + 10
+        while op.call("stats")["connected"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        op.close()
+
+
+def test_fleet_subscribers_count_the_events_that_happen(ours: int, workers: Fleet) -> None:
+    assert workers.ask([{"op": "subscribe", "count": 3}, None])[0]["ok"] == 3
+    loadgen.run_sessions(ours, [[("add_vm", vm_spec(f"ev-{i}")) for i in range(4)]]).require_all_ok(4)
+    deadline = time.monotonic() + 10
+    while True:
+        counts = fleet.sum_counts(workers.ask([{"op": "count"}, None]))
+        if counts["events"].get("vm_added", 0) >= 12 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert counts["events"] == {"vm_added": 12} and counts["dropped"] == 0 and counts["subs_open"] == 3
+    assert counts["received"] == 12
+    assert fleet.sum_counts(workers.ask([{"op": "close_subs"}, None]))["subs_open"] == 3
+    assert workers.ask([{"op": "count"}, None])[0]["subs_open"] == 0
+
+
+def test_fleet_sees_the_server_stop_and_reconnects_to_a_new_one(bench: Bench) -> None:
+    server = bench.ours("first")
+    fl = Fleet(server.port, 2, bench.tmp, _env(), name="restart-fleet")
+    try:
+        fleet.require(fleet.merge(fl.spread(5, lambda first, count: {
+            "op": "open", "count": count, "name_fmt": "r-%d", "first": first, "script": _REGISTER})), 5, "open")
+        code, _ = terminate(server)
+        bench.stop(server)
+        assert code == 0
+        deadline = time.monotonic() + 10
+        while True:
+            status = fl.all({"op": "status"})
+            if sum(a["closed_by_server"] for a in status) == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert sum(a["closed_by_server"] for a in status) == 5 and sum(a["agents_open"] for a in status) == 0
+        assert sum(a["agent_events"].get("shutdown", 0) for a in status) == 5  # each was told why
+        again = bench.ours("second", db=Path(server.argv[server.argv.index("--db") + 1]))
+        fl.all({"op": "port", "port": again.port})
+        fleet.require(fleet.merge(fl.spread(5, lambda first, count: {
+            "op": "open", "count": count, "name_fmt": "r-%d", "first": first, "script": _REGISTER})), 5, "reopen")
+    finally:
+        fl.close()
+
+
+def test_fleet_reports_refused_connections_and_bad_commands(bench: Bench) -> None:
+    server = bench.ours("full", extra=["--max-connections", "2"])
+    fl = Fleet(server.port, 1, bench.tmp, _env(), name="refused-fleet")
+    try:
+        opened = fleet.merge(fl.all({"op": "open", "count": 4, "name_fmt": "f-%d", "pending": 1}))
+        assert opened["failures"] == 2 and "greeting" in str(opened["samples"])
+        with pytest.raises(LoadError, match="unknown op"):
+            fl.all({"op": "no_such_op"})
+    finally:
+        fl.close()
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))
+    port = nobody.getsockname()[1]
+    nobody.close()  # nothing listens there now
+    fl = Fleet(port, 1, bench.tmp, _env(), name="nobody-fleet")
+    try:
+        opened = fleet.merge(fl.all({"op": "open", "count": 2, "name_fmt": "n-%d", "timeout": 10}))
+        assert opened["failures"] == 2
+    finally:
+        fl.close()
+
+
+def test_gc_report_reads_the_servers_line_or_says_none() -> None:
+    log = "x INFO vmserver: stopped\n2026 INFO vmserver: gc: 123 collections, longest pause 4.2 ms, 0 over 20 ms\n"
+    assert gc_report(log) == {"collections": 123, "longest_pause_ms": 4.2, "over_20ms": 0}
+    assert gc_report("2026 INFO vmserver: stopped\n") is None
+    assert check(0, "==", 0) is True and check(-15, "==", 0) is False and check(None, "==", 0) is None
+
+
+def test_merge_results_keeps_the_other_figures_and_where_each_came_from() -> None:
+    old = {"machine": {"cpus": 2}, "settings": {"runs": 5}, "started": "t1", "seconds": 9.0,
+           "figures": {"one": {"figure": 1}, "nine": {"figure": 9, "v": "old"}}}
+    new = {"machine": {"cpus": 4}, "settings": {"runs": 1}, "started": "t2", "seconds": 3.0,
+           "figures": {"nine": {"figure": 9, "v": "new"}, "eight": {"figure": 8}}}
+    out = merge_results(old, new)
+    assert list(out["figures"]) == ["one", "eight", "nine"] and out["figures"]["nine"]["v"] == "new"
+    assert (out["machine"], out["started"]) == ({"cpus": 2}, "t1")  # the first run's, for figure 1
+    assert out["merged"] == [{"started": "t2", "seconds": 3.0, "machine": {"cpus": 4}, "settings": {"runs": 1},
+                              "figures": ["nine", "eight"]}]
+    assert len(merge_results(out, new)["merged"]) == 1  # the same figures again: the older entry goes
+
+
 # --- (b) the whole suite, smoke-sized ---------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+    return kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # a zombie has stopped running
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_suite_killed_midway_leaves_no_process_behind(tmp_path: Path, sig: int) -> None:
+    """Its servers, workers and prober all stop: SIGTERM unwinds the suite, and after a SIGKILL
+    the kernel signals the servers (PR_SET_PDEATHSIG) while the others see their stdin end."""
+    # Its temporary directory under ours: a SIGKILL leaves it behind, pytest removes it.
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "11", "--out",
+                             str(tmp_path / "r.json")], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not all(any(what in _cmdline(k) for k in kids) for what in ("vmserver", "fleet", "loadgen probe")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the figure never started its processes"
+            time.sleep(0.02)
+            kids = _children(proc.pid)
+        proc.send_signal(sig)
+        assert proc.wait(30) == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not all(_gone(k) for k in kids):
+            assert time.monotonic() < deadline, [(k, _cmdline(k)) for k in kids if not _gone(k)]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for k in kids:  # only if the test failed: nothing of ours may outlive it
+            if not _gone(k):
+                os.kill(k, signal.SIGKILL)
+
+
 FIGURE_NAMES = {"health_pipelined", "small_reads", "durable_writes", "agent_lifecycle", "large_inventory",
-                "idle_sessions", "slow_disk_writes"}
+                "idle_sessions", "slow_disk_writes", "fairness", "memory", "subscribers", "gc_pauses", "fleet"}
 
 
 def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
@@ -300,7 +543,7 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     figures = results["figures"]
     assert set(figures) == FIGURE_NAMES, log
-    assert sorted(f["figure"] for f in figures.values()) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 13))
     for name, fig in figures.items():
         assert fig["available"] and fig["error"] is None, (name, fig["error"])
         if name == "slow_disk_writes" and not (shutil.which("cc") or shutil.which("gcc")):
@@ -319,4 +562,25 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     assert figures["durable_writes"]["metrics"]["writes_per_commit"]["group"] >= 1.0
     assert figures["large_inventory"]["metrics"]["big"]["get_all_vms_warm_s"] > 0
     assert figures["idle_sessions"]["metrics"]["ours_kb_per_session"] is not None
+    assert all(figures["fairness"]["metrics"][v]["burst_s"] > 0 for v in ("prefix", "page", "health"))
+    assert figures["memory"]["metrics"]["unread"]["growth_mb"] is not None
+    assert figures["memory"]["metrics"]["unterminated"]["closed_by_server"] is not None
+    sub = figures["subscribers"]["metrics"]
+    assert sub["ops_per_s_with"] > 0 and sub["ops_per_s_without"] > 0
+    assert sub["events_received"] + sub["events_dropped"] == sub["events_expected"] > 0
+    gc = figures["gc_pauses"]["metrics"]
+    assert gc["exit_status"] == 0 and gc["burst_s"] > 0
+    assert gc["gc"] is None or gc["gc"]["collections"] >= 0
+    fl = figures["fleet"]["metrics"]
+    assert fl["exit_status"] == 0 and fl["shutdown_events"] == fl["agents"]
+    assert fl["closed_by_server_at_exit"] == fl["agents"]
+    assert fl["events_received"] + fl["events_dropped"] == fl["events_expected"] == 2 * fl["agents"] * fl["subscribers"]
     assert "health pipelined" in proc.stdout.decode()  # the table was printed
+    # --merge replaces only the figures run now.
+    again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "1", "--merge", "--out",
+                            str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=SMOKE_TIMEOUT)
+    assert again.returncode == 0, again.stderr.decode(errors="replace")
+    merged = json.loads(out.read_text())
+    assert set(merged["figures"]) == FIGURE_NAMES and merged["merged"][-1]["figures"] == ["health_pipelined"]
+    assert merged["figures"]["fleet"] == figures["fleet"]
