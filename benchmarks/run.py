@@ -1293,9 +1293,10 @@ def fig_subscribers(b: Bench, fig: Figure) -> None:
     fig.metrics = {key: med(key) for key in fig.runs[0] if key != "run"}
     with_, without = med("ops_per_s_with"), med("ops_per_s_without")
     fig.row(f"lifecycle ops/s, {m} subscribers vs none (same run)", with_, without, "/s", ratio(with_, without))
-    fig.row(f"lifecycle ops/s with {m} subscribers", with_, None, "/s", target=(">=", 175.0), target_on="ours")
+    # The target in the stricter unit: 5x the 35 agent lifecycles/s measured on the server before
+    # batched events (commit 4d966b6, this figure), i.e. 175 lifecycles (875 commands) a second.
     fig.row("  the same in agent lifecycles/s (5 commands each)", ratio(with_, 5), ratio(without, 5), "/s",
-            ratio(with_, without))
+            ratio(with_, without), target=(">=", 175.0), target_on="ours")
     fig.row("server CPU per delivered event", med("cpu_us_per_event"), None, "µs")
     fig.row("events received of expected", med("events_received"), expected, "",
             ratio(med("events_received"), expected))
