@@ -11,12 +11,14 @@ import contextlib
 import json
 import os
 import re
+import resource
 import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +282,96 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# --- a server process under a descriptor limit, its log drained by a thread -----------------
+
+_LISTENING_ANY = re.compile(rb"listening on [^\s:]+:(\d+)")
+
+
+class LimitedServer:
+    """``python -m vmserver --port 0`` on its own database, under RLIMIT_NOFILE ``nofile``
+    (soft, hard) when given.
+
+    A thread drains its log as it is written: a flood of tracebacks must neither block the
+    server on a full pipe nor fill the disk (the first LOG_KEPT bytes are kept). ``reading``
+    cleared stalls it, as a stalled log consumer (journald, a paused terminal) would.
+    """
+
+    LOG_KEPT = 4 << 20
+
+    def __init__(self, db: str, *args: str, nofile: tuple[int, int] | None = None) -> None:
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)  # type: ignore[arg-type]
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmserver", "--port", "0", "--db", db, *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=limit if nofile else None)
+        self._log = bytearray()
+        self.log_bytes = 0
+        self.reading = threading.Event()
+        self.reading.set()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        while self.reading.wait() and (chunk := os.read(fd, 65536)):
+            self.log_bytes += len(chunk)
+            if len(self._log) < self.LOG_KEPT:
+                self._log += chunk[:self.LOG_KEPT - len(self._log)]
+
+    @property
+    def log(self) -> bytes:
+        return bytes(self._log)
+
+    def wait_listening(self, timeout: float = 20.0) -> int:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            match = _LISTENING_ANY.search(self._log)
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"server did not start; exit={self.proc.poll()} log={self.log.decode(errors='replace')}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send ``sig``; the exit code, once the whole log is in. Fails after ``timeout`` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.reading.set()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"server did not exit within {timeout:g}s of signal {sig}; "
+                                 f"log tail: {self.log[-2000:].decode(errors='replace')}") from None
+        self._drainer.join(5)
+        return code
+
+    def kill(self) -> None:
+        self.reading.set()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._drainer.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def limited(tmp_path) -> Iterator[Callable[..., LimitedServer]]:
+    """A factory of LimitedServer subprocesses, each on a new database; all killed at the end."""
+    started: list[LimitedServer] = []
+
+    def factory(*args: str, nofile: tuple[int, int] | None = None) -> LimitedServer:
+        srv = LimitedServer(str(tmp_path / f"server-{len(started)}.db"), *args, nofile=nofile)
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        srv.kill()

@@ -329,7 +329,7 @@ def test_unread_replies_wait_in_the_socket_and_a_closed_peer_is_seen(bench: Benc
 
 
 def test_unterminated_lines_are_sent_whole_and_the_server_holds_them(bench: Bench) -> None:
-    server = bench.ours("unterminated", extra=["--token", "t0ken"])
+    server = bench.ours("unterminated")  # no token: before auth a line that long ends the session
     socks, closed = loadgen.send_unterminated(server.port, 3, 200_000, timeout=30)
     try:
         assert (len(socks), closed) == (3, 0)
@@ -427,7 +427,7 @@ def test_fleet_sees_the_server_stop_and_reconnects_to_a_new_one(bench: Bench) ->
 
 
 def test_fleet_reports_refused_connections_and_bad_commands(bench: Bench) -> None:
-    server = bench.ours("full", extra=["--max-connections", "2"])
+    server = bench.ours("full", extra=["--max-connections", "2", "--local-reserve", "0"])
     fl = Fleet(server.port, 1, bench.tmp, _env(), name="refused-fleet")
     try:
         opened = fleet.merge(fl.all({"op": "open", "count": 4, "name_fmt": "f-%d", "pending": 1}))

@@ -51,29 +51,60 @@ SHUTDOWN = "server shutdown"
 IDLE = "idle timeout"
 _DISCONNECT_REASONS = {SHUTDOWN: "shutdown", IDLE: "timeout"}  # vm_disconnected's reason; else session_closed
 _QUIET_REASONS = ("closed by peer", SHUTDOWN)  # logged at DEBUG: routine for a fleet
-EVENT_QUEUE_MAX = 10_000  # events held for one subscriber before the oldest are dropped (shared lines: 8 bytes each)
+EVENT_QUEUE_MAX = 50_000  # events a subscriber may fall behind before the oldest are dropped (kept once for all)
+
+
+class Channel:
+    """Event lines in the order they happened, for every subscriber that chose the same events
+    (or for one subscriber of one VM). Each line is encoded once and kept once, whatever the
+    number of subscribers: a subscriber is only a position in it. Bounded: a subscriber that
+    falls more than EVENT_QUEUE_MAX lines behind loses the oldest, and is told how many."""
+
+    __slots__ = ("events", "lines", "first", "members")
+
+    def __init__(self, events: frozenset[str]) -> None:
+        self.events = events
+        self.lines: list[bytes] = []
+        self.first = 0  # the position of lines[0]; positions only grow
+        self.members: set[Session] = set()
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.lines)
+
+    def append(self, line: bytes) -> None:
+        lines = self.lines
+        lines.append(line)
+        if len(lines) >= 2 * EVENT_QUEUE_MAX:  # trimmed now and then, so appending stays O(1)
+            gone = len(lines) - EVENT_QUEUE_MAX
+            del lines[:gone]
+            self.first += gone
+
+    @property
+    def oldest(self) -> int:
+        """The first position still kept for a subscriber (older ones count as dropped)."""
+        return max(self.first, self.end - EVENT_QUEUE_MAX)
+
+    def forget_read(self) -> None:
+        """Drop the lines every member has already been sent."""
+        if self.lines:
+            done = min((m.subscription.cursor for m in self.members if m.subscription is not None),
+                       default=self.end)
+            if done > self.first:
+                del self.lines[:done - self.first]
+                self.first = done
 
 
 class Subscription:
-    """What a session asked to hear, and the events waiting to be written to it.
+    """What a session asked to hear, and how far through its channel it has been sent."""
 
-    Bounded: a subscriber that does not read loses the oldest events, and is told how many.
-    The queue holds references to event lines encoded once for every subscriber.
-    """
+    __slots__ = ("events", "vm_id", "channel", "cursor", "dropped", "blocked")
 
-    __slots__ = ("events", "vm_id", "queue", "dropped", "blocked")
-
-    def __init__(self, events: frozenset[str], vm_id: str | None) -> None:
-        self.events, self.vm_id = events, vm_id
-        self.queue: deque[bytes] = deque()
+    def __init__(self, events: frozenset[str], vm_id: str | None, channel: Channel) -> None:
+        self.events, self.vm_id, self.channel = events, vm_id, channel
+        self.cursor = channel.end  # only what happens from now on
         self.dropped = 0
         self.blocked = False  # its peer is not reading: wait for the buffer to drain
-
-    def push(self, line: bytes) -> None:
-        if len(self.queue) >= EVENT_QUEUE_MAX:
-            self.queue.popleft()
-            self.dropped += 1
-        self.queue.append(line)
 
 
 class Session:
@@ -102,7 +133,7 @@ class Session:
     def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
         """Start (or change) this session's live events."""
         assert self._server is not None
-        self._server._subscribe(self, Subscription(events, vm_id))
+        self._server._subscribe(self, (events, vm_id))
 
     def unsubscribe(self) -> None:
         """Stop live events; those not yet written are dropped."""
@@ -159,11 +190,14 @@ class Server:
         self._closing = False
         self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None)
         self._long_lines = asyncio.Semaphore(max(1, _LONG_LINE_BUDGET // (2 * config.max_line + 2)))
-        # Live events: subscribers by event name (those without a vm_id) and by VM (those with one);
-        # sessions with events to write, written once per loop turn.
-        self._by_event: dict[str, set[Session]] = {}
+        # Live events: one shared channel per choice of events (subscribers without a vm_id), found
+        # by event name; subscribers of one VM, by VM, each with a channel of its own. Channels
+        # with new lines are written out once per loop turn, a slice of subscribers at a time.
+        self._channels: dict[frozenset[str], Channel] = {}
+        self._by_event: dict[str, list[Channel]] = {}
         self._by_vm: dict[str, set[Session]] = {}
-        self._dirty: set[Session] = set()
+        self._dirty: set[Channel] = set()
+        self._to_write: deque[Session] = deque()
         self._flush_scheduled = False
         # Ended sessions, released by one task a slice at a time (a fleet hanging up at once must
         # not freeze the loop), then closed.
@@ -264,83 +298,120 @@ class Server:
 
     # --- live events ------------------------------------------------------------------
 
-    def _subscribe(self, session: Session, subscription: Subscription | None) -> None:
-        """Replace what ``session`` hears (None: nothing); events queued for the old choice are dropped."""
+    def _subscribe(self, session: Session, choice: tuple[frozenset[str], str | None] | None) -> None:
+        """Replace what ``session`` hears (None: nothing); lines not yet written for the old choice are dropped."""
         old = session.subscription
         if old is not None:
-            for name in old.events if old.vm_id is None else (old.vm_id,):
-                index = self._by_event if old.vm_id is None else self._by_vm
-                members = index.get(name)
-                if members is not None:
-                    members.discard(session)
-                    if not members:
-                        del index[name]
-        session.subscription = subscription
-        if subscription is None:
-            self._dirty.discard(session)
-            if session._drainer is not None:
-                session._drainer.cancel()
-                session._drainer = None
+            old.channel.members.discard(session)
+            if old.vm_id is not None:
+                watchers = self._by_vm.get(old.vm_id)
+                if watchers is not None:
+                    watchers.discard(session)
+                    if not watchers:
+                        del self._by_vm[old.vm_id]
+            elif not old.channel.members:
+                del self._channels[old.channel.events]
+                self._index_channels()
+        session.subscription = None
+        if session._drainer is not None:
+            session._drainer.cancel()
+            session._drainer = None
+        if choice is None:
             return
-        if subscription.vm_id is None:
-            for name in subscription.events:
-                self._by_event.setdefault(name, set()).add(session)
+        events, vm_id = choice
+        if vm_id is not None:
+            channel = Channel(events)
+            self._by_vm.setdefault(vm_id, set()).add(session)
         else:
-            self._by_vm.setdefault(subscription.vm_id, set()).add(session)
+            channel = self._channels.get(events)  # type: ignore[assignment]
+            if channel is None:
+                channel = self._channels[events] = Channel(events)
+                self._index_channels()
+        channel.members.add(session)
+        session.subscription = Subscription(events, vm_id, channel)
+
+    def _index_channels(self) -> None:
+        self._by_event = {}
+        for channel in self._channels.values():
+            for name in channel.events:
+                self._by_event.setdefault(name, []).append(channel)
 
     def _publish(self, event: str, vm_id: str, data: Callable[[], bytes]) -> None:
-        """An inventory change: queue its line (encoded once) for every session subscribed to it."""
-        everyone, watchers = self._by_event.get(event), self._by_vm.get(vm_id)
-        if not everyone and not watchers:
+        """An inventory change: its line, encoded once, goes into every channel that wants it."""
+        channels, watchers = self._by_event.get(event), self._by_vm.get(vm_id)
+        if not channels and not watchers:
             return
         line = encode_event(event, data())
         dirty = self._dirty
-        for session in everyone or ():
-            session.subscription.push(line)  # type: ignore[union-attr]
-            dirty.add(session)
+        for channel in channels or ():
+            channel.append(line)
+            dirty.add(channel)
         for session in watchers or ():
             sub = session.subscription
-            if event in sub.events:  # type: ignore[union-attr]
-                sub.push(line)  # type: ignore[union-attr]
-                dirty.add(session)
-        if dirty and not self._flush_scheduled:
+            if sub is not None and event in sub.events:
+                sub.channel.append(line)
+                dirty.add(sub.channel)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_events)
 
     def _flush_events(self) -> None:
-        """Once per loop turn: each subscriber's pending events in one write."""
+        """Write each subscriber what is new for it, one write each, a slice of work at a time:
+        subscribers at the same position get the same bytes, joined once."""
         self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, set()
-        for session in dirty:
-            self._write_events(session)
+        for channel in self._dirty:
+            self._to_write.extend(channel.members)
+        self._dirty.clear()
+        clock, began, joined = time.perf_counter, time.perf_counter(), {}
+        queue = self._to_write
+        while queue:
+            self._write_events(queue.popleft(), joined)
+            if clock() - began > _TURN and queue:
+                self._schedule_flush()  # the others on the next turn, after everyone else
+                break
+        for channel in {id(c): c for c, _ in joined}.values():
+            channel.forget_read()
 
-    def _write_events(self, session: Session) -> None:
+    def _write_events(self, session: Session, joined: dict[tuple[Channel, int], tuple[bytes, int]] | None = None) -> None:
         sub, writer = session.subscription, session._writer
-        if sub is None or writer is None or sub.blocked or session.writing or not (sub.queue or sub.dropped):
+        if sub is None or writer is None or sub.blocked or session.writing:
             return  # (a reply in slices writes them when it is done; a blocked one when it drains)
+        channel = sub.channel
+        if sub.cursor >= channel.end:
+            return
         transport = writer.transport
         if transport.is_closing():
-            sub.queue.clear()
             return
         if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-            sub.blocked = True  # a slow reader: meanwhile its queue fills, then drops the oldest
+            sub.blocked = True  # a slow reader: meanwhile it falls behind, then loses the oldest
             session._drainer = asyncio.get_running_loop().create_task(self._drain_events(session, sub, writer))
             return
-        lines = []
+        oldest = channel.oldest
+        if sub.cursor < oldest:
+            sub.dropped += oldest - sub.cursor
+            sub.cursor = oldest
+        key = (channel, sub.cursor)
+        found = joined.get(key) if joined is not None else None
+        if found is None:
+            lines, start = channel.lines, sub.cursor - channel.first
+            stop, size = start, 0
+            while stop < len(lines) and size < _EVENT_WRITE_MAX:
+                size += len(lines[stop])
+                stop += 1
+            found = (b"".join(lines[start:stop]), channel.first + stop)
+            if joined is not None:
+                joined[key] = found
         if sub.dropped:
-            lines.append(encode_event("overflow", {"dropped": sub.dropped}))
+            writer.write(encode_event("overflow", {"dropped": sub.dropped}))
             sub.dropped = 0
-        size, queue = 0, sub.queue
-        while queue and size < _EVENT_WRITE_MAX:
-            line = queue.popleft()
-            lines.append(line)
-            size += len(line)
-        writer.write(b"".join(lines))
-        if queue:  # the rest on a later turn, once this much has gone
-            self._dirty.add(session)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_events)
+        writer.write(found[0])
+        sub.cursor = found[1]
+        if sub.cursor < channel.end:  # more than one write's worth: the rest on a later turn
+            self._dirty.add(channel)
+            self._schedule_flush()
 
     async def _drain_events(self, session: Session, sub: Subscription, writer: asyncio.StreamWriter) -> None:
         try:
@@ -388,6 +459,9 @@ class Server:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             _tune_socket(sock)
+        protocol = writer.transport.get_protocol()
+        if type(protocol) is asyncio.StreamReaderProtocol:
+            protocol.__class__ = _StreamProtocol  # see there: a vanished peer must leave no cycle
         session = Session(name, asyncio.current_task(), authenticated=self.config.token is None,
                           server=self, writer=writer)
         self.sessions.add(session)
@@ -614,6 +688,16 @@ class Server:
         if request is None:
             return None
         return execute(self.context, session, request)
+
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, but the error a connection is lost with is kept without its
+    traceback. The traceback holds the frames that were writing to the connection, which hold
+    the stream, which holds the error: a cycle only a full garbage collection would free, and
+    never once the session's objects are frozen (gc_tuning.py). The reason stays in the text."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(None if exc is None else exc.with_traceback(None))
 
 
 def _unlink_later(transport: asyncio.BaseTransport) -> None:
