@@ -63,7 +63,6 @@ async def serve(config: Config) -> int:
     # GC from walking them (a full collection over 100,000 VMs stalls the loop for ~90 ms).
     pauses = gc_tuning.PauseWatch()
     pauses.install()
-    gc.collect()
     gc.freeze()
     freezer = loop.create_task(gc_tuning.keep_frozen())
     host, port = server.address
