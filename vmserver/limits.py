@@ -70,6 +70,13 @@ class Listener(socket.socket):
     refusal = b""
     on_refused: Callable[[int], None] | None = None  # how many were refused (for a rate-limited log)
     _spare: int | None = None
+    _queue = 0  # the kernel's accept queue, as first asked for
+
+    def listen(self, backlog: int = 128) -> None:
+        """asyncio listens again with the backlog it was given, which for it is also how many
+        connections it accepts in one go: keep the kernel's queue long however short that is."""
+        self._queue = max(self._queue, backlog)
+        super().listen(self._queue)
 
     def keep_spare(self) -> None:
         if self._spare is None:

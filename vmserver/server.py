@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _TOO_LARGE = object()  # read_line's answer for an over-long line (already discarded)
 _TOO_LARGE_BEFORE_AUTH = object()  # a long line before auth: answered, then the session ends
 _BACKLOG = 4096  # a fleet reconnecting at once must not overflow asyncio's default of 100
+_ACCEPT_BATCH = 64  # connections accepted in one loop turn (a storm of them is served in turns too)
 _WRITE_HIGH_WATER = 256 * 1024  # past this much unsent output, stop reading until the peer reads
 _SLICE = 64 * 1024  # a large reply is written this much at a time (bounds what a non-reading peer holds)
 _LINGER = 1.0  # seconds a closing session's unread input may take to drain
@@ -215,7 +216,7 @@ class Server:
             try:
                 # Lines longer than the reader's limit are gathered by _read_long_line.
                 self._servers.append(await asyncio.start_server(
-                    self._serve, sock=sock, limit=_READ_LIMIT, backlog=_BACKLOG, ssl=tls,
+                    self._serve, sock=sock, limit=_READ_LIMIT, backlog=_ACCEPT_BATCH, ssl=tls,
                     ssl_handshake_timeout=10.0 if tls else None))
             except BaseException:
                 sock.close()
