@@ -25,7 +25,7 @@ from .errors import ErrorCode
 from .inventory import Inventory
 from .listing import pieces
 from .protocol import (
-    RequestError, dumps, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
+    RequestError, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
 )
 from .store import Store, StoreError
 
@@ -112,7 +112,7 @@ class Session:
     """One client connection; ``vms`` are the VMs it has connected (bound to its lifetime)."""
 
     __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended",
-                 "subscription", "writing", "spent", "local", "_server", "_writer", "_drainer")
+                 "subscription", "writing", "spent", "_server", "_writer", "_drainer")
 
     def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True,
                  server: Server | None = None, writer: asyncio.StreamWriter | None = None) -> None:
@@ -127,7 +127,6 @@ class Session:
         self.subscription: Subscription | None = None
         self.writing = False  # a reply is going out in slices: no event may cut into it
         self.spent = 0.0  # seconds of work since it last let other sessions in
-        self.local = False  # the peer is on this machine (loopback): may take a reserved seat
         self._server, self._writer = server, writer
         self._drainer: asyncio.Task[None] | None = None  # waits for a non-reading subscriber
 
@@ -625,7 +624,7 @@ class Server:
             if not exc.partial:
                 return None
             line = exc.partial
-        except asyncio.LimitOverrunError as exc:
+        except asyncio.LimitOverrunError:
             if not session.authenticated:
                 return _TOO_LARGE_BEFORE_AUTH
             line = await self._read_long_line(reader)
