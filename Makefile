@@ -28,7 +28,7 @@ test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/python -m vmclient demo --spawn-server $(ARGS)
 
-# The benchmark suite (a few minutes; pins servers and load to separate cores). See benchmarks/BENCHMARKS.md.
+# The benchmark suite (about 7 minutes; pins servers and load to separate cores). See benchmarks/BENCHMARKS.md.
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
