@@ -1,9 +1,12 @@
-"""The network layer: accept loop, one task per session reading lines and writing replies, shutdown.
+"""The network layer: one task per session reading lines and writing replies, live events,
+the reaper of ended sessions, shutdown.
 
-A session answers its requests strictly in order (pipelining works). Between commands it
-can be stopped; inside one it is not: shutdown waits for the command in flight. Limits that
-keep a long-running server healthy live here too: the line limit, a cap on connections,
-idle and write timeouts, TCP keepalive, and the refusal of HTTP spoken to this port.
+A session answers its requests strictly in order (pipelining works), and gives way to the
+others after a small budget of work. Between commands it can be stopped; inside one, and
+while its reply is being written, it is not: shutdown and the idle timeout wait for both.
+Limits that keep a long-running server healthy live here too: the line limits (shorter
+before auth) and the shared budget for long lines, a cap on connections (limits.py), idle
+and write timeouts, TCP keepalive, and the refusal of HTTP spoken to this port.
 """
 
 from __future__ import annotations
@@ -210,16 +213,20 @@ class Server:
     async def start(self, tls: ssl.SSLContext | None = None) -> None:
         """Listen (with TLS when given a context). :raises OSError: address in use."""
         refusal = encode_error(None, ErrorCode.UNAVAILABLE, "the server is out of file descriptors; try again later")
-        for sock in limits.listeners(self.config.host, self.config.port, _BACKLOG):
-            sock.refusal, sock.on_refused = refusal, self._note_refused
-            try:
+        socks = limits.listeners(self.config.host, self.config.port, _BACKLOG)
+        try:
+            for sock in socks:
+                sock.refusal, sock.on_refused = refusal, self._note_refused
                 # Lines longer than the reader's limit are gathered by _read_long_line.
                 self._servers.append(await asyncio.start_server(
                     self._serve, sock=sock, limit=_READ_LIMIT, backlog=_ACCEPT_BATCH, ssl=tls,
                     ssl_handshake_timeout=10.0 if tls else None))
-            except BaseException:
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            for sock in socks[len(self._servers):]:
                 sock.close()
-                raise
+            raise
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap())
         if self.config.idle_timeout > 0:
