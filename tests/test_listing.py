@@ -165,7 +165,7 @@ async def test_lists_equal_a_plain_rebuild_after_random_changes(tmp_path, monkey
                                      rng.choice([None, rng.randint(1, 8)]), rng.choice([None, keep + new]))
             check(inv, rng)
         # And the same lists come back from the file.
-        await inv.writer.submit("barrier", lambda db: None)
+        await inv.settle()
         for o in owners:
             inv.release(o)
         before = expected(inv)

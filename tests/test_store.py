@@ -387,7 +387,7 @@ def assert_caches_fresh(inv: Inventory) -> None:
 
 async def settled(inventory: Inventory) -> None:
     """Wait until the writer has committed everything queued (history rows are not awaited)."""
-    await inventory.writer.submit("barrier", lambda db: None)
+    await inventory.settle()
 
 
 @pytest.fixture

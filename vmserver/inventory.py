@@ -116,6 +116,10 @@ class VM:
         return self._json
 
 
+def _nothing(db: Any) -> None:
+    pass
+
+
 def _matcher(connected: bool | None, authorized: bool | None) -> Callable[[VM], bool]:
     """The test of get_all_vms' connected= and authorized= filters."""
     if connected is None and authorized is None:
@@ -293,6 +297,10 @@ class Inventory:
             return
         future.add_done_callback(_log_failure)
         future.add_done_callback(lambda _: done.done() or done.set_result(None))
+
+    async def settle(self) -> None:
+        """Wait until every write and history row queued so far is committed."""
+        await self._submit("settle", _nothing)
 
     def _submit(self, what: str, fn: Callable[..., Any], *args: Any, **callbacks: Any) -> asyncio.Future[Any]:
         self._flush_rows()
