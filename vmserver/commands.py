@@ -248,8 +248,7 @@ def get_authorized_vms(ctx: Context, session: Owner, a: dict[str, Any]) -> Resul
 
 @command("get_all_disks", "List every disk with the name of its VM, ordered by id (optionally a page).", *_PAGE)
 def get_all_disks(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    after, limit = _page(a)
-    return ctx.inventory.all_disks_json() if not after and limit is None else ctx.inventory.disks_page(after, limit)
+    return ctx.inventory.disks_page(*_page(a))
 
 
 @command("get_vm", "One VM's record.", _VM_ID)

@@ -183,8 +183,6 @@ class Inventory:
         # first use. A page or a filtered list skips blocks without a match at no cost.
         self._selected: dict[tuple[bool | None, bool | None], View[VM, list[VM]]] = {}
         self._selected_json: dict[tuple[bool | None, bool | None], View[VM, bytes]] = {(None, None): self._all_vms}
-        self._connected = self._selection_json(True, None)
-        self._authorized = self._selection_json(None, True)
         # Each block's VMs ordered by name (names never change), for prefix= in a bisect per block.
         self._by_name = self._vm_blocks.view(_name_index)
         self._vm_totals = self._vm_blocks.view(lambda vms: (
@@ -634,10 +632,10 @@ class Inventory:
         return self._all_vms.json_array()
 
     def connected_vms_json(self) -> Encoded:
-        return self._connected.json_array()
+        return self._selection_json(True, None).json_array()
 
     def authorized_vms_json(self) -> Encoded:
-        return self._authorized.json_array()
+        return self._selection_json(None, True).json_array()
 
     def all_disks_json(self) -> Encoded:
         return self._all_disks.json_array()
@@ -697,8 +695,11 @@ class Inventory:
                 out += [vm._json for vm in records]
         return json_list(out)
 
-    def disks_page(self, after: int, limit: int | None) -> Encoded:
-        """Up to ``limit`` disks (all by default) with ids above ``after``."""
+    def disks_page(self, after: int = 0, limit: int | None = None) -> Encoded:
+        """Up to ``limit`` disks (all by default) with ids above ``after``; the whole list from
+        its per-block cache."""
+        if not after and limit is None:
+            return self._all_disks.json_array()
         return json_list([d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit)])
 
     def stats_json(self) -> bytes:
@@ -763,8 +764,7 @@ class Inventory:
             for owner in {vm.owner for vm in self._vms.values() if vm.owner is not None}:
                 self.release(owner, "shutdown")
             self._flush_rows()
-        self.writer.close(timeout)
-        if self.writer._thread.is_alive():  # the join timed out
+        if not self.writer.close(timeout):  # the join timed out
             log.error("database %s left open: the writer is still using it", self.store.path)
             return
         if self._store_closed:

@@ -102,10 +102,10 @@ class Channel:
 class Subscription:
     """What a session asked to hear, and how far through its channel it has been sent."""
 
-    __slots__ = ("events", "vm_id", "channel", "cursor", "dropped", "blocked")
+    __slots__ = ("vm_id", "channel", "cursor", "dropped", "blocked")
 
-    def __init__(self, events: frozenset[str], vm_id: str | None, channel: Channel) -> None:
-        self.events, self.vm_id, self.channel = events, vm_id, channel
+    def __init__(self, vm_id: str | None, channel: Channel) -> None:
+        self.vm_id, self.channel = vm_id, channel  # the events it chose: channel.events
         self.cursor = channel.end  # only what happens from now on
         self.dropped = 0
         self.blocked = False  # its peer is not reading: wait for the buffer to drain
@@ -335,7 +335,7 @@ class Server:
                 channel = self._channels[events] = Channel(events)
                 self._index_channels()
         channel.members.add(session)
-        session.subscription = Subscription(events, vm_id, channel)
+        session.subscription = Subscription(vm_id, channel)
 
     def _index_channels(self) -> None:
         self._by_event = {}
@@ -355,7 +355,7 @@ class Server:
             dirty.add(channel)
         for session in watchers or ():
             sub = session.subscription
-            if sub is not None and event in sub.events:
+            if sub is not None and event in sub.channel.events:
                 sub.channel.append(line)
                 dirty.add(sub.channel)
         self._schedule_flush()
@@ -570,11 +570,10 @@ class Server:
         session.unsubscribe()
         released = self.inventory.release(session, _DISCONNECT_REASONS.get(reason, "session_closed"))
         self.sessions.discard(session)
-        if reason in _QUIET_REASONS or reason.startswith("connection error"):
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("session %s ended (%s); released %s", session.name, reason, ", ".join(released) or "no VMs")
-        else:
-            log.info("session %s ended (%s); released %s", session.name, reason, ", ".join(released) or "no VMs")
+        quiet = reason in _QUIET_REASONS or reason.startswith("connection error")
+        level = logging.DEBUG if quiet else logging.INFO
+        if log.isEnabledFor(level):  # a fleet hanging up at once: no text built for nothing
+            log.log(level, "session %s ended (%s); released %s", session.name, reason, ", ".join(released) or "no VMs")
 
     async def _backpressure(self, writer: asyncio.StreamWriter) -> None:
         """Past the high-water mark, read no more from this session until its peer reads its

@@ -75,8 +75,11 @@ class GroupCommitter:
         self._jobs.put(_Job(what, fn, args, future, on_commit, on_fail))
         return future
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Finish the queued writes and stop the thread (blocking: call after the sessions stopped)."""
+    def close(self, timeout: float = 10.0) -> bool:
+        """Finish the queued writes and stop the thread (blocking: call after the sessions stopped).
+
+        Returns whether the thread has stopped (False: still busy after ``timeout``).
+        """
         if not self._closing:
             self._closing = True
             self._jobs.put(None)
@@ -84,6 +87,8 @@ class GroupCommitter:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("the database writer did not finish within %.0fs", timeout)
+                return False
+        return True
 
     # --- the writer thread ------------------------------------------------------------
 
