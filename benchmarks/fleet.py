@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import json
 import os
 import re
@@ -49,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .loadgen import HOST, LoadError, _check_greeting, _parse, percentile, request_prefix
+from .loadgen import LoadError, _check_greeting, _parse, percentile, request_prefix, start_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 _RECV = 256 * 1024
@@ -303,14 +302,10 @@ class Worker:
         sub = op.cmd["op"] == "subscribe"
         while op.to_open and op.connecting < limit:
             name = op.to_open.popleft()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((HOST, self.port))
-            if err not in (0, errno.EINPROGRESS):
-                sock.close()
+            sock, err = start_connect(self.port)
+            if sock is None:
                 op.failures += 1
-                op.sample(f"connect: {os.strerror(err)}")
+                op.sample(f"connect: {err}")
                 continue
             conn = _Conn(sock, name, sub=sub)
             (self.subs if sub else self.agents).append(conn)

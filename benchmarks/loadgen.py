@@ -152,6 +152,18 @@ def _check_greeting(line: bytes) -> dict[str, Any]:
     return msg
 
 
+def start_connect(port: int) -> tuple[socket.socket | None, str]:
+    """A non-blocking connection to 127.0.0.1:``port`` on its way (TCP_NODELAY), or None and why."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = sock.connect_ex((HOST, port))
+    if err not in (0, errno.EINPROGRESS):
+        sock.close()
+        return None, os.strerror(err)
+    return sock, ""
+
+
 def open_connection(port: int, timeout: float = 10.0, linger0: bool = False) -> tuple[socket.socket, bytearray]:
     """A blocking connection to 127.0.0.1:port whose greeting was read and checked.
 
@@ -261,13 +273,9 @@ class _Driver:
         self.next_id = 0
 
     def start_fresh(self, script: Iterator[Any]) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex((HOST, self.port))
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            raise LoadError(f"connect failed: {os.strerror(err)}")
+        sock, err = start_connect(self.port)
+        if sock is None:
+            raise LoadError(f"connect failed: {err}")
         conn = _Conn(sock, script, owned=True, greeted=False)
         self.sel.register(sock, selectors.EVENT_READ, conn)
         self.active += 1
