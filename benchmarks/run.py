@@ -686,7 +686,7 @@ def inventory_records(vms: list[tuple], disks: list[tuple]) -> list[dict[str, An
 
 def build_db(path: Path, vms: list[tuple], disks: list[tuple]) -> None:
     """The schema from our own Store, then every row in one plain sqlite3 transaction."""
-    from vmserver.store import Store
+    from vmserver.backends.sqlite import Store
 
     Store(str(path)).close()
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:

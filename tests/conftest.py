@@ -260,7 +260,7 @@ def build_inventory(path: str, n: int, disks_per_vm: int = 1, prefix: str = "vm"
     one plain sqlite3 transaction after our Store created the schema: fast enough for 100,000."""
     import sqlite3
 
-    from vmserver.store import Store
+    from vmserver.backends.sqlite import Store
 
     Store(path).close()
     ts = "2026-11-26T21:26:13.902Z"

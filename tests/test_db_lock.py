@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Wire, vm_args
-from vmserver.store import Store, StoreError
+from vmserver.backends.sqlite import Store
+from vmserver.errors import StorageError
 
 
 def refused_line(p, needle: str) -> str:
@@ -104,7 +105,7 @@ def test_hard_linked_database_is_refused(shared):
     twin = shared.parent / "twin.db"
     os.link(shared, twin)
     for name in (shared, twin):
-        with pytest.raises(StoreError) as info:
+        with pytest.raises(StorageError) as info:
             Store(str(name))
         assert "2 hard links" in str(info.value) and str(name) in str(info.value)
     twin.unlink()
@@ -113,7 +114,7 @@ def test_hard_linked_database_is_refused(shared):
 
 def test_empty_path_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         Store("")
     assert "path is empty" in str(info.value)
     assert list(tmp_path.iterdir()) == []
@@ -124,7 +125,7 @@ def test_in_process_stores_meet_on_the_real_file(shared):
     first = Store(str(shared))
     try:
         for name, other in spellings(shared).items():
-            with pytest.raises(StoreError) as info:
+            with pytest.raises(StorageError) as info:
                 Store(other)
             assert "in use by another vmserver" in str(info.value) and other in str(info.value), name
         assert first.real_path == str(shared)
@@ -133,7 +134,7 @@ def test_in_process_stores_meet_on_the_real_file(shared):
     link = Store(str(shared.parent.parent / "link.db"))  # a symlink opens and locks the real file
     try:
         assert link.real_path == str(shared)
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             Store(str(shared))
     finally:
         link.close()

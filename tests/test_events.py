@@ -16,12 +16,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import vmserver.store as sql
+import vmserver.backends.sqlite as sql
 from conftest import TIMEOUT, Wire, disk, running, vm_args
 from vmserver.config import Config
 from vmserver import server as server_module
 from vmserver.server import start_server
-from vmserver.store import Store
+from vmserver.backends.sqlite import Store
 
 ALL_EVENTS = ["vm_added", "vm_updated", "vm_removed", "vm_connected", "vm_disconnected", "vm_authorized",
               "vm_deauthorized", "auth_failed"]
@@ -734,7 +734,7 @@ async def test_presence_changes_after_the_writer_stopped_are_answered_as_made(db
         for vm_id in ("late-1", "late-2", "late-3"):
             await a.ok("connect_vm", **vm_args(vm_id, f"{vm_id}-d"))
         await a.ok("authorize_vm", vm_id="late-1")
-        srv.inventory.writer.close()
+        srv.inventory.store.writer.close()
         assert (await a.ok("deauthorize_vm", vm_id="late-1"))["authorized"] is False
         assert (await a.ok("authorize_vm", vm_id="late-1"))["authorized"] is True
         assert (await a.ok("disconnect_vm", vm_id="late-1"))["connected"] is False

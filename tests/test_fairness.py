@@ -83,7 +83,7 @@ async def test_a_crowd_hanging_up_at_once_is_released_a_slice_at_a_time(db_path)
 
             asker = asyncio.create_task(ask())
             await asyncio.sleep(0.02)
-            jobs_before = srv.inventory.writer.writes
+            jobs_before = srv.inventory.store.writer.writes
             agents.kill()
             released = run = longest = 0
             while released < crowd:
@@ -110,6 +110,6 @@ async def test_a_crowd_hanging_up_at_once_is_released_a_slice_at_a_time(db_path)
         assert (await watcher.ok("stats"))["connected"] == 0
         rows = await watcher.ok("get_history", event="vm_disconnected", limit=crowd)
         assert len(rows) == crowd  # every release recorded...
-        jobs = srv.inventory.writer.writes - jobs_before
+        jobs = srv.inventory.store.writer.writes - jobs_before
         assert jobs < crowd // 10, f"{crowd} history rows took {jobs} write jobs"  # ...in batches
         await watcher.close()

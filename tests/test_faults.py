@@ -791,9 +791,9 @@ async def test_full_disk_at_start(spawn, tmp_path):
 
 
 async def test_full_disk_at_start_in_process_then_space_freed(tmp_path):
-    """start_server on a full disk fails with StoreError (its documented error for an unusable
+    """start_server on a full disk fails with StorageError (its documented error for an unusable
     database) and holds nothing: once space is freed, the same process can start on that file."""
-    from vmserver.store import StoreError
+    from vmserver.errors import StorageError
 
     with tiny_tmpfs(tmp_path / "full", "256k") as mnt:
         filler = fill(mnt)
@@ -804,12 +804,12 @@ async def test_full_disk_at_start_in_process_then_space_freed(tmp_path):
         try:
             try:
                 srv = await start_server(config)
-            except StoreError as exc:
+            except StorageError as exc:
                 assert db in str(exc)
-                first = "StoreError"
+                first = "StorageError"
             except OSError as exc:
                 first = f"{type(exc).__name__}: {exc}"
-                problems.append(f"on a full disk start_server raised {first}, not StoreError")
+                problems.append(f"on a full disk start_server raised {first}, not StorageError")
             else:
                 first = "started"
                 assert await (await Wire.open(srv.address[1])).error("add_vm", **vm_args("x", "x-d")) == "internal"
@@ -818,7 +818,7 @@ async def test_full_disk_at_start_in_process_then_space_freed(tmp_path):
             filler.unlink()
             try:
                 srv = await start_server(config)
-            except StoreError as exc:
+            except StorageError as exc:
                 problems.append(f"after freeing space, start_server still fails: {exc}")
             else:
                 w = await Wire.open(srv.address[1])

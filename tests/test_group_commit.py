@@ -8,12 +8,13 @@ import sqlite3
 
 import pytest
 
-import vmserver.store as sql
+import vmserver.backends.sqlite as sql
 from vmserver.config import Config
 from vmserver.listing import joined
 from vmserver.server import start_server
-from vmserver.store import Store, StoreError
-from vmserver.writer import GroupCommitter
+from vmserver.backends.sqlite import Store
+from vmserver.errors import ErrorCode, StorageError
+from sqlite_jobs import calls_committer
 
 from conftest import Wire, vm_args
 
@@ -31,7 +32,8 @@ def test_write_batch_fails_one_job_alone(tmp_path):
         ]
         outcomes = store.write_batch(jobs)
         assert [error is None for _, error in outcomes] == [True, False, True]
-        assert isinstance(outcomes[1][1], StoreError) and "add clash" in str(outcomes[1][1])
+        # The database caught a clash memory did not know of: the protocol's conflict, not internal.
+        assert outcomes[1][1].code is ErrorCode.CONFLICT and "add clash" in str(outcomes[1][1])
         vms, disks = store.load()
         assert [v.vm_id for v in vms] == ["taken", "a", "b"]
         # The failed job left nothing behind: not its VM row, not its disks.
@@ -82,7 +84,7 @@ def test_write_batch_a_job_with_a_bug_fails_alone(tmp_path):
         assert "broken failed: a bug" in str(outcomes[1][1])
         assert [v.vm_id for v in store.load()[0]] == ["a", "b"]  # nothing of the broken one
         alone = store.write_batch([("broken", broken, ("alone",))])
-        assert alone[0][0] is None and isinstance(alone[0][1], StoreError)
+        assert alone[0][0] is None and isinstance(alone[0][1], StorageError)
         assert [v.vm_id for v in store.load()[0]] == ["a", "b"]
     finally:
         store.close()
@@ -90,19 +92,19 @@ def test_write_batch_a_job_with_a_bug_fails_alone(tmp_path):
 
 async def test_writer_thread_survives_a_job_with_a_bug(tmp_path):
     store = Store(str(tmp_path / "w.db"))
-    writer = GroupCommitter(store)
+    writer = calls_committer(store)
     writer.start(asyncio.get_running_loop())
     try:
-        with pytest.raises(StoreError, match="oops"):
-            await writer.submit("oops", lambda db: 1 / 0)
+        with pytest.raises(StorageError, match="oops"):
+            await writer.submit("oops", (lambda db: 1 / 0,))
         # The thread is still there, and still commits.
-        assert await writer.submit("add a", sql.insert_vm, "a", 1, 1, None, [], NOW) == (1, [])
+        assert await writer.submit("add a", (sql.insert_vm, "a", 1, 1, None, [], NOW)) == (1, [])
         assert writer.writes == 2
     finally:
         writer.close()
         store.close()
-    with pytest.raises(StoreError, match="stopping"):
-        writer.submit("late", sql.insert_vm, "late", 1, 1, None, [], NOW)
+    with pytest.raises(StorageError, match="stopping"):
+        writer.submit("late", (sql.insert_vm, "late", 1, 1, None, [], NOW))
 
 
 def test_write_batch_all_fail_when_the_transaction_cannot_start(tmp_path):
@@ -112,7 +114,7 @@ def test_write_batch_all_fail_when_the_transaction_cannot_start(tmp_path):
     try:
         other.execute("BEGIN IMMEDIATE")
         outcomes = store.write_batch([("add a", sql.insert_vm, ("a", 1, 1, None, [], NOW, None))] * 3)
-        assert all(result is None and isinstance(error, StoreError) for result, error in outcomes)
+        assert all(result is None and isinstance(error, StorageError) for result, error in outcomes)
         other.execute("ROLLBACK")
         assert store.load() == ([], [])
     finally:
@@ -127,7 +129,7 @@ async def test_concurrent_writes_share_transactions(tmp_path):
         wires = [await Wire.open(port) for _ in range(40)]
         replies = await asyncio.gather(*(w.call("add_vm", **vm_args(f"g{i}", f"g{i}-d")) for i, w in enumerate(wires)))
         assert all(r["ok"] for r in replies)
-        writer = srv.inventory.writer
+        writer = srv.inventory.store.writer
         assert writer.writes >= 40
         assert writer.batches < writer.writes  # some of them shared a commit
         # Acknowledged means committed: a separate connection to the file sees every one.
@@ -146,7 +148,7 @@ async def test_one_commit_per_write_setting(tmp_path):
         wires = [await Wire.open(srv.address[1]) for _ in range(10)]
         replies = await asyncio.gather(*(w.call("add_vm", **vm_args(f"o{i}")) for i, w in enumerate(wires)))
         assert all(r["ok"] for r in replies)
-        writer = srv.inventory.writer
+        writer = srv.inventory.store.writer
         assert writer.writes >= 10 and writer.batches == writer.writes  # (the history pruner writes too)
         for w in wires:
             await w.close()

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-import vmserver.store as sql
+import vmserver.backends.sqlite as sql
 from conftest import Wire, running, vm_args
 from vmserver.inventory import Inventory
-from vmserver.store import READERS, SCHEMA_VERSION, Store
+from vmserver.backends.sqlite import READERS, SCHEMA_VERSION, Store, SQLiteStore
 
 ROWS = 200_000
 VMS = 2000
@@ -112,8 +112,8 @@ def test_version_2_file_is_migrated_to_3_and_keeps_its_history(tmp_path):
 
 
 def v2_store_module() -> Any:
-    """store.py as a version-2 server has it: the same code, knowing only the first two migrations."""
-    spec = importlib.util.spec_from_file_location("vmserver_store_v2", sql.__file__)
+    """backends/sqlite.py as a version-2 server has it: the same code, knowing only the first two migrations."""
+    spec = importlib.util.spec_from_file_location("vmserver.backends._sqlite_v2", sql.__file__)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it runs
     try:
@@ -129,7 +129,7 @@ def test_a_version_2_server_refuses_a_version_3_file(tmp_path):
     path = str(tmp_path / "v3.db")
     seed(path, rows=5)
     old = v2_store_module()
-    with pytest.raises(old.StoreError) as info:
+    with pytest.raises(old.StorageError) as info:
         old.Store(path)
     assert "schema version 3, newer than this server's 2" in str(info.value)
     con = sqlite3.connect(path)
@@ -202,7 +202,7 @@ async def test_history_reads_never_go_through_the_writer(big_db):
     async with running(big_db, history_days=0) as srv:
         wires = [await Wire.open(srv.address[1]) for _ in range(50)]
         try:
-            writes, batches = srv.inventory.writer.writes, srv.inventory.writer.batches
+            writes, batches = srv.inventory.store.writer.writes, srv.inventory.store.writer.batches
             for w in wires:
                 await w.send({"cmd": "get_history", "args": {"event": "vm_removed", "limit": 1}, "id": "h"})
             for w in wires:
@@ -210,7 +210,7 @@ async def test_history_reads_never_go_through_the_writer(big_db):
                 assert reply["ok"] is True, reply
                 assert [(r["vm_id"], r["event"], r["ts"]) for r in reply["result"]] == \
                     [(f"vm-{LAST_REMOVED % VMS}", "vm_removed", iso(BASE + LAST_REMOVED))]
-            assert (srv.inventory.writer.writes, srv.inventory.writer.batches) == (writes, batches)
+            assert (srv.inventory.store.writer.writes, srv.inventory.store.writer.batches) == (writes, batches)
         finally:
             for w in wires:
                 await w.close()
@@ -219,9 +219,9 @@ async def test_history_reads_never_go_through_the_writer(big_db):
 class HeldReads:
     """Every reader of a server busy in a real read transaction until released."""
 
-    def __init__(self, store: Store) -> None:
-        assert store.readers is not None
-        self.readers = store.readers
+    def __init__(self, store: SQLiteStore) -> None:
+        assert store.db.readers is not None
+        self.readers = store.db.readers
         self.gate = threading.Event()
         self.started = threading.Semaphore(0)
         self.futures = [self.readers.submit("held read", self._hold) for _ in range(self.readers.size)]
@@ -265,14 +265,14 @@ async def test_writes_complete_while_every_reader_is_held(big_db):
             for i, w in enumerate(readers):
                 await w.send({"cmd": "get_history", "args": {"vm_id": f"vm-{i}", "limit": 1}, "id": i})
             await wait_until(lambda: held.queued() == len(readers), "every history read waits for a reader")
-            writes = inv.writer.writes
+            writes = inv.store.writer.writes
             await bystander.ok("add_vm", **vm_args("during-reads", "during-reads-d"))
             assert (await bystander.ok("connect_vm", vm_id="during-reads"))["connected"] is True
             assert (await bystander.ok("disconnect_vm", vm_id="during-reads"))["connected"] is False
             assert await bystander.ok("health") == "OK"
-            await wait_until(lambda: inv.writer.writes >= writes + 3, "the journaled disconnect is written")
+            await wait_until(lambda: inv.store.writer.writes >= writes + 3, "the journaled disconnect is written")
             assert held.queued() == len(readers)  # not one read ran meanwhile, so none was ahead of a write
-            assert len(inv.store.readers.connections) == READERS  # and never more readers than the bound
+            assert len(inv.store.db.readers.connections) == READERS  # and never more readers than the bound
             con = sqlite3.connect(big_db)
             try:
                 assert con.execute("SELECT vm_id FROM vms").fetchall() == [("during-reads",)]
@@ -329,7 +329,7 @@ async def test_a_session_reads_its_own_presence_rows(db_path):
 async def test_in_memory_database_reads_history_too():
     """:memory: cannot be read from a second connection: its history is read by the writer."""
     async with running(":memory:") as srv:
-        assert srv.inventory.store.readers is None
+        assert srv.inventory.store.db.readers is None
         w = await Wire.open(srv.address[1])
         await w.ok("connect_vm", **vm_args("mem", "mem-d"))
         await w.ok("disconnect_vm", vm_id="mem")
@@ -344,12 +344,12 @@ async def test_pruning_is_many_short_writes_that_other_writes_pass(big_db):
     """Pruning 200,000 rows is 200 write jobs of 1,000 rows each; a write queued while it runs
     is committed long before pruning is done (the writer is FIFO and pruning queues one batch at
     a time), and pruning still deletes exactly the old rows."""
-    store = Store(big_db, busy_timeout_ms=200)
+    store = SQLiteStore(big_db, busy_timeout_ms=200)
     inv = Inventory(store)
     inv.start(asyncio.get_running_loop())
     try:
         keep_from = ROWS - 500
-        writes_before = inv.writer.writes
+        writes_before = inv.store.writer.writes
         pruning = asyncio.create_task(inv.prune_history(iso(BASE + keep_from)))
         await asyncio.sleep(0)  # its first batch is queued
         vm = await inv.add("passes", 1, 1, (), None)
@@ -362,13 +362,13 @@ async def test_pruning_is_many_short_writes_that_other_writes_pass(big_db):
             con.close()
         assert left >= keep_from - 2 * sql_batch()  # at most two batches went before the add
         assert await asyncio.wait_for(pruning, 60) == keep_from
-        assert inv.writer.writes - writes_before >= keep_from // sql_batch() + 1  # one job per batch, + the add
-        rows = await asyncio.wrap_future(inv.store.readers.submit("check", sql.read_history, None, None, None,
+        assert inv.store.writer.writes - writes_before >= keep_from // sql_batch() + 1  # one job per batch, + the add
+        rows = await asyncio.wrap_future(inv.store.db.readers.submit("check", sql.read_history, None, None, None,
                                                                    None, 10_000))
         assert [r[1] for r in rows if r[2] != "passes"] == [iso(BASE + i) for i in range(ROWS - 1, keep_from - 1, -1)]
         assert await inv.prune_history(iso(BASE + keep_from)) == 0
     finally:
-        inv.writer.close()
+        inv.store.writer.close()
         store.close()
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from vmserver import listing
 from vmserver.inventory import Inventory
+from vmserver.presence import session_key
 from vmserver.listing import Blocks, joined, json_array, json_list
-from vmserver.store import Store
+from vmserver.backends.sqlite import Store, SQLiteStore
 from vmserver.validation import DiskSpec
 
 from conftest import vm_args
@@ -75,7 +76,7 @@ def test_json_array_in_pieces_past_the_large_reply_size(monkeypatch):
 
 class Owner:
     def __init__(self, name: str) -> None:
-        self.name, self.vms, self.authenticated, self.ended = name, set(), True, False
+        self.key, self.name, self.vms, self.authenticated, self.ended = session_key(), name, set(), True, False
 
 
 def expected(inv: Inventory) -> dict:
@@ -125,10 +126,11 @@ async def test_lists_equal_a_plain_rebuild_after_random_changes(tmp_path, monkey
     monkeypatch.setattr(listing, "LARGE_REPLY", 600)
     monkeypatch.setattr(listing, "JOIN_CHUNK", 3)  # filtered lists and pages come back as a Join
     rng = random.Random(seed)
-    store = Store(str(tmp_path / "l.db"))
+    store = SQLiteStore(str(tmp_path / "l.db"))
     inv = Inventory(store)
     inv.start(asyncio.get_running_loop())
     owners = [Owner(f"s{i}") for i in range(3)]
+    by_key = {o.key: o for o in owners}
     names = [f"vm-{i}" for i in range(30)]
     disk_names = [f"d-{i}" for i in range(40)]
     try:
@@ -141,27 +143,27 @@ async def test_lists_equal_a_plain_rebuild_after_random_changes(tmp_path, monkey
                 disks = [DiskSpec(d, rng.randint(1, 50)) for d in rng.sample(free, min(len(free), rng.randint(0, 2)))]
                 await inv.add(vm_id, rng.randint(1, 4096), rng.randint(1, 8), disks, None,
                               owner=owner if op < 0.3 else None)
-            elif vm.owner is None:
+            elif vm.holder is None:
                 if op < 0.25:
                     await inv.remove(vm_id)
                 else:
                     await inv.connect(vm_id, owner)
             elif not vm.authorized:
                 if op < 0.2:
-                    inv.disconnect(vm_id, vm.owner)
+                    inv.disconnect(vm_id, by_key[vm.holder])
                 elif op < 0.3:
-                    inv.release(vm.owner)
+                    inv.release(by_key[vm.holder])
                     for o in owners:
                         o.ended = False  # the test's owners live on
                 else:
-                    inv.authorize(vm_id, vm.owner)
+                    inv.authorize(vm_id, by_key[vm.holder])
             else:
                 if op < 0.15:
-                    inv.deauthorize(vm_id, vm.owner)
+                    inv.deauthorize(vm_id, by_key[vm.holder])
                 else:
                     keep = [DiskSpec(d.disk_id, rng.choice([d.size, d.size + 1])) for d in vm.disks if rng.random() < 0.6]
                     new = [DiskSpec(d, rng.randint(1, 50)) for d in rng.sample(free, min(len(free), rng.randint(0, 2)))]
-                    await inv.update(vm_id, vm.owner, rng.choice([None, rng.randint(1, 4096)]),
+                    await inv.update(vm_id, by_key[vm.holder], rng.choice([None, rng.randint(1, 4096)]),
                                      rng.choice([None, rng.randint(1, 8)]), rng.choice([None, keep + new]))
             check(inv, rng)
         # And the same lists come back from the file.
@@ -170,9 +172,9 @@ async def test_lists_equal_a_plain_rebuild_after_random_changes(tmp_path, monkey
             inv.release(o)
         before = expected(inv)
     finally:
-        inv.writer.close()
+        inv.store.writer.close()
         store.close()
-    fresh = Inventory(Store(str(tmp_path / "l.db")))
+    fresh = Inventory(SQLiteStore(str(tmp_path / "l.db")))
     try:
         assert expected(fresh) == before
         check(fresh, rng)

@@ -1,4 +1,4 @@
-"""SQLite persistence (vmserver.store.Store) and the Inventory mirror on real files, no network."""
+"""The SQLite backend (vmserver.backends.sqlite) and the Inventory over it, on real files, no network."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmserver.errors import CommandError, ErrorCode
 from vmserver.inventory import Inventory
-import vmserver.store as sql
-from vmserver.store import SCHEMA_VERSION, DiskRow, Store, StoreError, VMRow
+from vmserver.presence import session_key
+import vmserver.backends.sqlite as sql
+from vmserver.backends.base import DiskRow, VMRow
+from vmserver.backends.sqlite import SCHEMA_VERSION, Store, SQLiteStore
+from vmserver.errors import StorageError
 from vmserver.validation import DiskSpec
 
 NOW = "2026-01-02T03:04:05.678Z"
@@ -121,7 +126,7 @@ def test_blank_file_is_migrated_with_wal(path):
 
 def test_foreign_keys_are_enforced(store):
     # A disk for a VM row that does not exist must be refused (foreign_keys = ON).
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         store.write("update", sql.update_vm, 999, 1, 1, [], [], [("orphan", 5)])
     assert "FOREIGN KEY" in str(info.value)
     assert store.load() == ([], [])
@@ -153,7 +158,7 @@ def test_newer_schema_version_is_refused(path):
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.commit()
     con.close()
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         Store(path)
     message = str(info.value)
     assert path in message
@@ -170,7 +175,7 @@ def test_newer_schema_version_is_refused(path):
 
 def test_file_that_is_not_a_database(path):
     Path(path).write_bytes(b"this is not an SQLite database, just text\n" * 100)
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         Store(path)
     assert not isinstance(info.value, sqlite3.Error)
     assert path in str(info.value)
@@ -181,7 +186,7 @@ def test_file_that_is_not_a_database(path):
 
 def test_unopenable_path(tmp_path):
     bad = str(tmp_path / "no" / "such" / "dir" / "x.db")
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         Store(bad)
     assert not isinstance(info.value, sqlite3.Error)
     assert bad in str(info.value)
@@ -242,7 +247,7 @@ def test_set_last_connected(store):
 def test_failed_insert_leaves_nothing_behind(store, path):
     pk, (d1,) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("d1", 10)], NOW)
     before = store.load()
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         store.write("insert", sql.insert_vm, "vm-2", 2048, 2, None, [("fresh", 5), ("d1", 7)], NOW)
     assert not isinstance(info.value, sqlite3.Error)
     assert path in str(info.value)
@@ -259,15 +264,15 @@ def test_failed_insert_leaves_nothing_behind(store, path):
 def test_failed_insert_of_duplicate_vm_id(store):
     store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [], NOW)
     before = store.load()
-    with pytest.raises(StoreError):
+    with pytest.raises(StorageError):
         store.write("insert", sql.insert_vm, "vm-1", 1, 1, None, [("new", 1)], NOW)
     assert store.load() == before
 
 
 def test_check_constraint_becomes_store_error(store):
-    with pytest.raises(StoreError):
+    with pytest.raises(StorageError):
         store.write("insert", sql.insert_vm, "vm-1", 0, 1, None, [], NOW)
-    with pytest.raises(StoreError):
+    with pytest.raises(StorageError):
         store.write("insert", sql.insert_vm, "vm-2", 1, 1, None, [("d", 0)], NOW)
     assert store.load() == ([], [])
 
@@ -276,7 +281,7 @@ def test_failed_update_leaves_nothing_half_written(store):
     pk, (a, b) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1), ("b", 2)], NOW)
     store.write("insert", sql.insert_vm, "vm-2", 512, 1, None, [("taken", 9)], NOW)
     before = store.load()
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(StorageError) as info:
         store.write("update", sql.update_vm, pk, 4096, 8, remove=[a], resize=[(b, 50)], add=[("new", 3), ("taken", 1)])
     assert "UNIQUE" in str(info.value)
     assert store.load() == before
@@ -285,13 +290,13 @@ def test_failed_update_leaves_nothing_half_written(store):
 def test_write_while_another_connection_holds_the_lock(store, path):
     with writer_lock(path):
         start = time.monotonic()
-        with pytest.raises(StoreError) as info:
+        with pytest.raises(StorageError) as info:
             store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("d1", 1)], NOW)
         elapsed = time.monotonic() - start
         assert "locked" in str(info.value)
         assert path in str(info.value)
         assert 0.09 <= elapsed < 3.0
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             store.write("connect", sql.set_last_connected, 1, NOW)
         # Reads still work in WAL mode while another connection writes.
         assert store.load() == ([], [])
@@ -304,7 +309,7 @@ def test_update_while_locked_changes_nothing(store, path):
     pk, (a,) = store.write("insert", sql.insert_vm, "vm-1", 1024, 1, None, [("a", 1)], NOW)
     before = store.load()
     with writer_lock(path):
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             store.write("update", sql.update_vm, pk, 2, 2, [a], [], [("b", 1)])
     assert store.load() == before
 
@@ -314,6 +319,7 @@ def test_update_while_locked_changes_nothing(store, path):
 
 class Session:
     def __init__(self, name: str) -> None:
+        self.key = session_key()
         self.name = name
         self.vms: set[str] = set()
         self.authenticated = True
@@ -350,7 +356,7 @@ def loaded_snapshot(path: str) -> Iterator[Inventory]:
     copy = f"{path}.snapshot"
     with contextlib.closing(sqlite3.connect(path)) as src, contextlib.closing(sqlite3.connect(copy)) as dst:
         src.backup(dst)
-    fresh = Inventory(Store(copy))
+    fresh = Inventory(SQLiteStore(copy))
     try:
         yield fresh
     finally:
@@ -369,7 +375,7 @@ def reloaded_state(path: str) -> tuple:
 def test_second_store_on_the_same_file_is_refused(path):
     first = Store(path)
     try:
-        with pytest.raises(StoreError) as info:
+        with pytest.raises(StorageError) as info:
             Store(path)
         assert "in use by another vmserver" in str(info.value) and path in str(info.value)
         assert str(os.getpid()) in str(info.value)
@@ -391,12 +397,12 @@ async def settled(inventory: Inventory) -> None:
 
 
 @pytest.fixture
-async def inventory(store):
-    """An Inventory whose writer thread runs (on the test's loop); the store fixture closes the file."""
-    inv = Inventory(store)
+async def inventory(path):
+    """An Inventory on the SQLite backend whose writer thread runs (on the test's loop)."""
+    inv = Inventory(SQLiteStore(path, busy_timeout_ms=100))
     inv.start(asyncio.get_running_loop())
     yield inv
-    inv.writer.close()
+    inv.store.close()
 
 
 async def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
@@ -405,7 +411,7 @@ async def test_inventory_add_failure_leaves_memory_unchanged(inventory, path):
     vms_before, disks_before = inventory.all_vms_json(), inventory.all_disks_json()
     await settled(inventory)
     with writer_lock(path):
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             await inventory.add("vm-1", 1024, 2, (DiskSpec("d1", 10), DiskSpec("d2", 20)), "scrypt$h", owner=owner)
     assert not inventory.exists("vm-1")
     assert len(inventory) == 1
@@ -435,7 +441,7 @@ async def test_inventory_update_failure_leaves_memory_unchanged(inventory, path)
     disk_objects_before = list(vm.disks)
     await settled(inventory)
     with writer_lock(path):
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             await inventory.update("vm-1", owner, 4096, 8, (DiskSpec("b", 20), DiskSpec("new", 3)))
     assert vm.record() == record_before
     assert (vm.ram, vm.cpu) == (1024, 2)
@@ -443,7 +449,7 @@ async def test_inventory_update_failure_leaves_memory_unchanged(inventory, path)
     assert vm.disks == disk_objects_before
     assert vm.json() == json_before
     assert inventory.all_disks_json() == disks_before
-    assert vm.owner is owner and vm.authorized
+    assert vm.holder == owner.key and vm.authorized
     # "a" still belongs to vm-1 and "new" was never claimed.
     with pytest.raises(CommandError) as info:
         inventory.check_can_add("vm-3", (DiskSpec("a", 1),))
@@ -462,9 +468,9 @@ async def test_inventory_connect_failure_leaves_memory_unchanged(inventory, path
     vm = inventory.get("vm-1")
     await settled(inventory)
     with writer_lock(path):
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             await inventory.connect("vm-1", owner)
-    assert vm.owner is None
+    assert vm.holder is None
     assert vm.last_connected is None
     assert owner.vms == set()
     assert json.loads(vm.json())["connected"] is False
@@ -514,6 +520,16 @@ async def test_inventory_matches_a_fresh_load_after_many_operations(inventory, p
 # --- stored facts match what happened (presence at the edges, shutdown) ---------------------------
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A write job that runs a test's function on the writer's connection."""
+
+    fn: Any
+
+
+sql._WRITES[Hold] = lambda db, w: w.fn(db)
+
+
 class HeldWriter:
     """The writer thread busy with a real write job that waits until released."""
 
@@ -524,7 +540,7 @@ class HeldWriter:
             self.started.set()
             assert self.gate.wait(30), "never released"
 
-        self.future = inv.writer.submit("held write", hold)
+        self.future = inv.store.writer.submit("held write", Hold(hold))
 
     async def running(self) -> None:
         assert await asyncio.to_thread(self.started.wait, 10), "the held write never started"
@@ -550,7 +566,7 @@ async def test_connect_of_a_new_vm_whose_session_ended_before_the_commit(invento
     ended) follows, so the history says it connected and went. No presence events: to the
     live view it was never connected."""
     events: list[tuple] = []
-    inventory.listeners.append(lambda event, vm_id, data: events.append((event, vm_id, json.loads(data()).get("reason"))))
+    inventory.feed.listen(lambda event, vm_id, data: events.append((event, vm_id, json.loads(data()).get("reason"))))
     owner = Session("127.0.0.1:1")
     held = HeldWriter(inventory)
     await held.running()
@@ -560,7 +576,7 @@ async def test_connect_of_a_new_vm_whose_session_ended_before_the_commit(invento
     await held.release()
     vm = await adding
     await settled(inventory)
-    assert vm.owner is None and owner.vms == set() and inventory.connected_vms_json() == b"[]"
+    assert vm.holder is None and owner.vms == set() and inventory.connected_vms_json() == b"[]"
     assert stored_history(path, "orphan") == [
         ("vm_disconnected", "127.0.0.1:1", "shutdown"), ("vm_connected", "127.0.0.1:1", None),
         ("vm_added", "127.0.0.1:1", None)]
@@ -576,11 +592,11 @@ async def test_a_registration_that_fails_leaves_no_orphan_mark(inventory, path):
         adding = asyncio.create_task(inventory.add("fails", 64, 1, (), None, owner=owner))
         await asyncio.sleep(0)
         inventory.release(owner)
-        with pytest.raises(StoreError):
+        with pytest.raises(StorageError):
             await adding
     again = Session("s2")
     vm = await inventory.add("fails", 64, 1, (), None, owner=again)
-    assert vm.owner is again
+    assert vm.holder == again.key
     await settled(inventory)
     assert stored_history(path, "fails") == [("vm_connected", "s2", None), ("vm_added", "s2", None)]
 
@@ -588,7 +604,7 @@ async def test_a_registration_that_fails_leaves_no_orphan_mark(inventory, path):
 async def test_close_disconnects_what_sessions_still_hold_and_stores_it(path):
     """Sessions cut off at shutdown may not have ended when the inventory closes: their VMs
     are disconnected then (reason shutdown) and the rows written before the writer stops."""
-    inv = Inventory(Store(path, busy_timeout_ms=100))
+    inv = Inventory(SQLiteStore(path, busy_timeout_ms=100))
     inv.start(asyncio.get_running_loop())
     straggler = Session("127.0.0.1:2")
     await inv.add("held-1", 64, 1, (), None, owner=straggler)
@@ -604,15 +620,15 @@ async def test_close_disconnects_what_sessions_still_hold_and_stores_it(path):
 async def test_close_leaves_the_database_open_under_a_busy_writer(path):
     """The writer's join times out (a write is stuck): the store is not closed under it; the
     stuck write and those queued behind it commit once it moves, and close() again closes."""
-    store = Store(path, busy_timeout_ms=100)
+    store = SQLiteStore(path, busy_timeout_ms=100)
     inv = Inventory(store)
     inv.start(asyncio.get_running_loop())
     held = HeldWriter(inv)
     await held.running()
-    queued = inv.writer.submit("queued", sql.append_history, [(NOW, "late", "vm_added", None, None, None)])
+    queued = inv.store.submit("queued", None, [(NOW, "late", "vm_added", None, None, None)])
     inv.close(timeout=0.2)
-    assert store._db.execute("SELECT count(*) FROM history").fetchone() == (0,)  # still open
-    with pytest.raises(StoreError):
+    assert store.db._db.execute("SELECT count(*) FROM history").fetchone() == (0,)  # still open
+    with pytest.raises(StorageError):
         Store(path)  # and still ours
     await held.release()
     await queued

@@ -13,11 +13,11 @@ import struct
 import threading
 import time
 
-import vmserver.store as sql
+import vmserver.backends.sqlite as sql
 from conftest import vm_args
 HOST = "127.0.0.1"
-from vmserver.store import Store
-from vmserver.writer import GroupCommitter
+from vmserver.backends.sqlite import Store
+from sqlite_jobs import calls_committer
 
 NOW = "2026-01-01T00:00:00.000Z"
 
@@ -28,7 +28,7 @@ async def test_a_busy_loop_is_woken_once_however_many_batches_commit(tmp_path):
     in commit order, and a later write still wakes the loop."""
     store = Store(str(tmp_path / "w.db"))
     loop = asyncio.get_running_loop()
-    writer = GroupCommitter(store, max_batch=1)
+    writer = calls_committer(store, max_batch=1)
     wakeups = {"while blocked": 0, "in all": 0}
     blocked = False
     real = loop.call_soon_threadsafe
@@ -44,8 +44,8 @@ async def test_a_busy_loop_is_woken_once_however_many_batches_commit(tmp_path):
     writer.start(loop)
     try:
         # The first write holds the writer until the loop is blocked; the others queue behind it.
-        futures = [writer.submit("gate", lambda db: gate.wait(10))]
-        futures += [writer.submit(f"add {i}", sql.insert_vm, f"vm-{i}", 1, 1, None, [], NOW) for i in range(200)]
+        futures = [writer.submit("gate", (lambda db: gate.wait(10),))]
+        futures += [writer.submit(f"add {i}", (sql.insert_vm, f"vm-{i}", 1, 1, None, [], NOW)) for i in range(200)]
         resolved: list[int] = []
         for i, future in enumerate(futures):
             future.add_done_callback(lambda _, i=i: resolved.append(i))
@@ -62,7 +62,7 @@ async def test_a_busy_loop_is_woken_once_however_many_batches_commit(tmp_path):
         assert resolved == list(range(len(futures)))
         assert results == [True] + [(i + 1, []) for i in range(200)]
         # The pending wake-up was taken: a new commit wakes the loop again.
-        late = writer.submit("late", sql.insert_vm, "late", 1, 1, None, [], NOW)
+        late = writer.submit("late", (sql.insert_vm, "late", 1, 1, None, [], NOW))
         assert await asyncio.wait_for(late, 10) == (201, [])
         print(f"\nWAKEUPS batches={writer.batches} wakeups={wakeups}")
     finally:

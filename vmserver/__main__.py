@@ -5,35 +5,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from . import __version__, gc_tuning, limits
+from .backends import mask_dsn
 from .config import Config, parse_config
 from .console import ServerConsole
+from .errors import StorageError
 from .server import TLSConfigError, start_server
-from .store import StoreError
 
 log = logging.getLogger("vmserver")
-
-
-def _prepare_db_dir(db: str) -> None:
-    """Create the database's directory (private to this user). :raises StoreError:
-
-    The directory of the path the Store will open (symlinks resolved, no ``~`` expansion:
-    the Store does none either); ``file:`` URIs and empty paths are left for it to refuse.
-    """
-    if db == ":memory:" or db.startswith("file:") or not db:
-        return
-    parent = Path(os.path.realpath(db)).parent
-    if not parent.exists():
-        try:
-            parent.mkdir(mode=0o700, parents=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the directory of database {db}: {exc.strerror or exc}") from exc
 
 
 def _show(host: str, port: int) -> str:
@@ -48,17 +31,24 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     limits.raise_fd_limit()  # each session is a descriptor; the server sizes its cap from this
     try:
-        _prepare_db_dir(config.db)
         server = await start_server(config)
-    except StoreError as exc:
+    except StorageError as exc:
         log.error("cannot start: %s", exc)
         return 1
     except TLSConfigError as exc:
         log.error("cannot start: %s", exc)
         return 1
     except OSError as exc:
-        log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), config.db)
+        log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), mask_dsn(config.db))
         return 1
+    lost: list[str] = []
+
+    def store_lost(line: str) -> None:  # the store cannot go on (another server took the database)
+        log.error("stopping: %s", line)
+        lost.append(line)
+        stop.set()
+
+    server.inventory.store.on_fatal = store_lost
     # The loaded inventory lives as long as the server, and so do most sessions: keep the cyclic
     # GC from walking them (a full collection over 100,000 VMs stalls the loop for ~90 ms).
     pauses = gc_tuning.PauseWatch()
@@ -69,7 +59,7 @@ async def serve(config: Config) -> int:
     extras = [name for name, on in (("TLS", config.tls_cert), ("token required", config.token),
                                     ("passwords required", config.require_passwords)) if on]
     extras.append(f"up to {server.max_sessions} sessions + {config.local_reserve} local")
-    log.info("vmserver %s listening on %s (db: %s%s)", __version__, _show(host, port), config.db,
+    log.info("vmserver %s listening on %s (db: %s%s)", __version__, _show(host, port), server.inventory.store.label,
              "".join(f"; {e}" for e in extras))
     console = None
     if config.console:
@@ -88,11 +78,15 @@ async def serve(config: Config) -> int:
     pauses.remove()
     log.info("%s", pauses.summary())
     log.info("stopped")
-    return 0
+    return 1 if lost else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["copy"]:
+        from .copy import main as copy
+        return copy(args[1:])
+    config = parse_config(args)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

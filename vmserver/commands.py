@@ -21,11 +21,11 @@ from typing import Any, Union
 
 from . import validation as v
 from .config import Config
-from .errors import CommandError, ErrorCode
-from .inventory import VM, Inventory, Owner
+from .errors import CommandError, ErrorCode, StorageError
+from .inventory import Inventory, Owner
+from .records import VM
 from .passwords import AttemptLimiter, hash_password, verify_password
 from .protocol import Request, dumps, encode_error, encode_ok
-from .store import StoreError
 from .validation import InvalidArgs, Param, Schema
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,9 @@ def connect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 
 
 def _connect_known(ctx: Context, session: Owner, vm: VM, password: str | None) -> Result:
-    if vm.owner is session:
+    if ctx.inventory.holds(vm, session):
         return vm.json()  # idempotent: this session already proved itself
-    if vm.owner is not None:
+    if ctx.inventory.connected(vm):
         raise CommandError(ErrorCode.CONFLICT, f"VM {vm.vm_id!r} is connected by another session")
     if vm.password_hash is None:
         if ctx.require_passwords:
@@ -265,7 +265,7 @@ def stats(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
          _VM_ID, _PASSWORD)
 def remove_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     vm = ctx.inventory.get(a["vm_id"])
-    if vm.owner is not None:  # checked here too, so a connected VM costs no password check
+    if ctx.inventory.connected(vm):  # checked here too, so a connected VM costs no password check
         raise CommandError(ErrorCode.CONFLICT, f"VM {vm.vm_id!r} is connected; disconnect it first")
     return _remove(ctx, session, vm, a.get("password"))
 
@@ -385,11 +385,11 @@ def _error_reply(request: Request, cmd: Command, exc: Exception) -> bytes:
         if hint:
             message = f"{message} ({exc.arg}: {hint})"
         return encode_error(request.id, exc.code, message)
-    if isinstance(exc, CommandError):
-        return encode_error(request.id, exc.code, exc.message)
-    if isinstance(exc, StoreError):
+    if isinstance(exc, StorageError):  # the message names the database: for the log, not the client
         log.error("%s failed: %s", cmd.name, exc)
         return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: storage error (nothing was changed)")
+    if isinstance(exc, CommandError):
+        return encode_error(request.id, exc.code, exc.message)
     log.error("%s failed with an unexpected error", cmd.name, exc_info=exc)
     return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: internal error (see server log)")
 

@@ -24,7 +24,7 @@ def default_db_path(environ: Mapping[str, str] = os.environ) -> str:
 class Config:
     host: str = "127.0.0.1"  # loopback unless told otherwise: exposing it should be a decision
     port: int = 8888
-    db: str = field(default_factory=default_db_path)
+    db: str = field(default_factory=default_db_path, repr=False)  # a DSN may carry a password
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "INFO"
     idle_timeout: float = 3600.0  # seconds without a request before a session is closed; 0: never
@@ -103,7 +103,8 @@ def _text(value: str) -> str:
 _OPTIONS = [
     ("--host", "VMSERVER_HOST", _text, "address to listen on (default %s: loopback only)"),
     ("--port", "VMSERVER_PORT", _port, "TCP port (default %s; 0 picks a free one)"),
-    ("--db", "VMSERVER_DB", _text, "SQLite file (default %s; ':memory:' keeps nothing)"),
+    ("--db", "VMSERVER_DB", _text, "SQLite file (default %s; ':memory:' keeps nothing), or a PostgreSQL DSN "
+     "postgresql://USER@HOST:PORT/DBNAME (needs: pip install 'vmserver[postgres]')"),
     ("--max-line", "VMSERVER_MAX_LINE", _positive, "longest request line accepted, in bytes (default %s)"),
     ("--log-level", "VMSERVER_LOG_LEVEL", _level, "DEBUG, INFO, WARNING or ERROR (default %s)"),
     ("--idle-timeout", "VMSERVER_IDLE_TIMEOUT", _non_negative,
@@ -139,7 +140,8 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
         description="Virtual machine inventory and presence server (line-delimited JSON over TCP).",
         epilog="Each setting can also come from its environment variable: "
         + ", ".join(env for _, env, _, _ in _OPTIONS) + ", VMSERVER_TOKEN_FILE; flags win. "
-        "Protocol: see protocol.md.",
+        "Protocol: see protocol.md. To move an inventory between databases: vmserver copy SRC DST "
+        "(vmserver copy --help).",
     )
     for flag, env, check, text in _OPTIONS:
         default = getattr(defaults, _field(flag))

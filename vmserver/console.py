@@ -19,6 +19,7 @@ from vmclient import render
 from .commands import Context, execute
 from .errors import CommandError, ErrorCode
 from .inventory import Inventory
+from .presence import session_key
 from .protocol import RequestError, parse_line
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class ConsoleSession:
     """The console as a session: it can connect VMs (held until the server stops), not subscribe."""
 
     def __init__(self) -> None:
+        self.key = session_key()
         self.name = "console"
         self.vms: set[str] = set()
         self.authenticated = True

@@ -1,11 +1,13 @@
-"""The inventory: an in-memory mirror of the SQLite store, plus who is connected and authorized.
+"""The inventory: the command rules' state, a cache of the durable store plus presence.
 
-Reads never touch SQLite: lists are assembled from each record's cached JSON, and whole
-lists are cached until the next change. Writes are checked in memory, then committed by the
-group-committing writer thread, and mirrored into memory when the commit is done; names and
-disk ids a pending write will take are reserved meanwhile, so two writes that would clash
-cannot both pass their checks. Between awaits every method runs on the event loop alone, so
-each check-and-claim is atomic with respect to every session.
+It depends on ports, not on a database: the store (backends/base.py), presence (presence.py)
+and the event feed (feed.py). Reads never touch the store: lists are assembled from each
+record's cached JSON, and whole lists are cached block by block until the next change. Writes
+are checked in memory, then committed by the store (group commit), and every change reaches
+the cache through :meth:`Inventory.apply`; names and disk ids a pending write will take are
+reserved meanwhile, so two writes that would clash cannot both pass their checks. Between
+awaits every method runs on the event loop alone, so each check-and-claim is atomic with
+respect to every session.
 """
 
 from __future__ import annotations
@@ -13,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from . import store as sql
+from .backends.base import AddVM, DiskRow, HistoryRow, PruneHistory, RemoveVM, SetLastConnected, Store, UpdateVM, VMRow
+from .changes import Change, PresenceChanged, VMAdded, VMRemoved, VMUpdated
 from .errors import CommandError, ErrorCode
+from .feed import EventFeed
 from .listing import Blocks, Encoded, View, json_list
+from .presence import LocalPresence, Presence
 from .protocol import dumps, utc_now
-from .store import Store, StoreError
+from .records import VM, Disk
 from .validation import DiskSpec
-from .writer import DEFAULT_MAX_BATCH, GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 class Owner(Protocol):
     """What the inventory and commands need of a session."""
 
+    key: str  # stable and unique: what presence records as a VM's holder
     name: str
     vms: set[str]  # the VMs it has connected
     authenticated: bool  # presented the server's token (always True on a server without one)
@@ -43,88 +46,11 @@ class Owner(Protocol):
     def unsubscribe(self) -> None: ...
 
 
-_PLAIN = re.compile(r"[A-Za-z0-9._:-]*")
-
-
-def _quoted(text: str) -> str:
-    """A JSON string. Names are validated to need no escaping; anything else (a file edited by
-    hand) goes through json.dumps."""
-    return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
-
-
-class Disk:
-    """A disk, with its two JSON forms kept encoded (re-encoded only when it changes)."""
-
-    __slots__ = ("id", "disk_id", "size", "vm", "record_json", "_listing")
-
-    def __init__(self, id: int, disk_id: str, size: int, vm: VM) -> None:
-        self.id, self.disk_id, self.size, self.vm = id, disk_id, size, vm
-        self.encode()
-
-    def encode(self) -> None:
-        self.record_json = f'{{"id":{self.id},"disk_id":{_quoted(self.disk_id)},"size":{self.size},"vm_id":{self.vm.id}'
-        self._listing = f'{self.record_json},"vm":{self.vm.quoted_id}}}'.encode()
-        self.record_json += "}"
-
-    def record(self) -> dict[str, Any]:
-        return {"id": self.id, "disk_id": self.disk_id, "size": self.size, "vm_id": self.vm.id}
-
-    def listing_json(self) -> bytes:
-        """The get_all_disks form: the record plus the VM's name."""
-        return self._listing
-
-
-class VM:
-    """A VM and its presence, with its record's JSON kept encoded (re-encoded when it changes).
-
-    Encoding by formatting, not json.dumps: every field is an int, a bool, a validated name or
-    a timestamp, so this is exact, and several times faster for a fleet of 100,000.
-    """
-
-    __slots__ = ("id", "vm_id", "quoted_id", "ram", "cpu", "disks", "password_hash", "last_connected",
-                 "owner", "authorized", "_json")
-
-    def __init__(self, id: int, vm_id: str, ram: int, cpu: int, password_hash: str | None,
-                 last_connected: str | None) -> None:
-        self.id, self.vm_id, self.ram, self.cpu = id, vm_id, ram, cpu
-        self.quoted_id = _quoted(vm_id)
-        self.password_hash = password_hash
-        self.last_connected = last_connected
-        self.disks: list[Disk] = []  # ordered by disk id
-        self.owner: Owner | None = None  # the session that connected it, while it lives
-        self.authorized = False
-        self._json = b""
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "vm_id": self.vm_id, "ram": self.ram, "cpu": self.cpu,
-            "disks": [d.record() for d in self.disks],
-            "connected": self.owner is not None, "authorized": self.authorized,
-            "last_connected": self.last_connected,
-        }
-
-    def encode(self) -> None:
-        last = "null" if self.last_connected is None else _quoted(self.last_connected)
-        self._json = (
-            f'{{"id":{self.id},"vm_id":{self.quoted_id},"ram":{self.ram},"cpu":{self.cpu},'
-            f'"disks":[{",".join(d.record_json for d in self.disks)}],'
-            f'"connected":{"false" if self.owner is None else "true"},'
-            f'"authorized":{"true" if self.authorized else "false"},"last_connected":{last}}}'
-        ).encode()
-
-    def json(self) -> bytes:
-        return self._json
-
-
-def _nothing(db: Any) -> None:
-    pass
-
-
 def _matcher(connected: bool | None, authorized: bool | None) -> Callable[[VM], bool]:
     """The test of get_all_vms' connected= and authorized= filters."""
     if connected is None and authorized is None:
         return lambda vm: True
-    return lambda vm: ((connected is None or (vm.owner is not None) == connected)
+    return lambda vm: ((connected is None or (vm.holder is not None) == connected)
                        and (authorized is None or vm.authorized == authorized))
 
 
@@ -141,13 +67,17 @@ def _vm_pk(vm: VM) -> int:
     return vm.id
 
 
+def _disk_pk(disk: Disk) -> int:
+    return disk.id
+
+
 def _log_failure(future: Any) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("history not recorded: %s", future.exception())
 
 
 def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None = None,
-                 count: int | None = None) -> sql.HistoryRow:
+                 count: int | None = None) -> HistoryRow:
     return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason, count)
 
 
@@ -169,9 +99,10 @@ class _Burst:
 
 
 class Inventory:
-    def __init__(self, store: Store, max_write_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(self, store: Store, presence: Presence | None = None, feed: EventFeed | None = None) -> None:
         self.store = store
-        self.writer = GroupCommitter(store, max_write_batch)
+        self.presence: Presence = presence if presence is not None else LocalPresence()
+        self.feed = feed if feed is not None else EventFeed()
         self._vms: dict[str, VM] = {}  # by vm_id, in id order (ids only grow)
         self._disks: dict[str, Disk] = {}  # by disk_id, in id order
         self._reserved_vm_ids: set[str] = set()  # taken by a write not yet committed
@@ -186,15 +117,13 @@ class Inventory:
         # Each block's VMs ordered by name (names never change), for prefix= in a bisect per block.
         self._by_name = self._vm_blocks.view(_name_index)
         self._vm_totals = self._vm_blocks.view(lambda vms: (
-            len(vms), sum(vm.owner is not None for vm in vms), sum(vm.authorized for vm in vms),
+            len(vms), sum(vm.holder is not None for vm in vms), sum(vm.authorized for vm in vms),
             sum(vm.ram for vm in vms), sum(vm.cpu for vm in vms)))
         self._disk_blocks: Blocks[Disk] = Blocks()
         self._all_disks = self._disk_blocks.view(lambda disks: b",".join([d.listing_json() for d in disks]))
         self._disk_totals = self._disk_blocks.view(lambda disks: (len(disks), sum(d.size for d in disks)))
-        # Called as listener(event, vm, reason) after each change is visible (live events).
-        self.listeners: list[Callable[[str, str, Callable[[], bytes]], None]] = []
         self._journal_tail: asyncio.Future[Any] | None = None  # the last history rows journaled
-        self._rows: list[sql.HistoryRow] | None = None  # journaled this loop turn, not yet submitted
+        self._rows: list[HistoryRow] | None = None  # journaled this loop turn, not yet submitted
         self._rows_done: asyncio.Future[Any] | None = None
         self.auth_failed_interval = AUTH_FAILED_INTERVAL
         self._bursts: dict[str, _Burst] = {}  # by vm_id: failed password checks being counted
@@ -202,13 +131,14 @@ class Inventory:
         # the commit, why (the vm_disconnected row that must follow the stored connect)
         self._registering: dict[str, Owner] = {}
         self._orphaned: dict[str, str] = {}
+        self._holding: dict[str, Owner] = {}  # by key: the sessions that have connected a VM, until released
         self._closed = False  # close() has recorded what was pending
         self._store_closed = False
         self._load()
 
     def start(self, loop: Any) -> None:
-        """Start the writer thread (needs the running event loop)."""
-        self.writer.start(loop)
+        """Start the store's writer (needs the running event loop)."""
+        self.store.start(loop)
 
     def _load(self) -> None:
         vm_rows, disk_rows = self.store.load()
@@ -231,15 +161,81 @@ class Inventory:
     def __len__(self) -> int:
         return len(self._vms)
 
+    # --- the one way changes reach the cache ------------------------------------------------
+
+    def apply(self, change: Change) -> VM:
+        """Mirror a committed change (or a presence change) into the cache, then announce it."""
+        if isinstance(change, PresenceChanged):
+            vm = self._vms[change.vm_id]
+            vm.holder, vm.authorized = change.holder, change.authorized
+            if change.last_connected is not None:
+                vm.last_connected = change.last_connected
+        elif isinstance(change, VMAdded):
+            row = change.vm
+            vm = VM(row.id, row.vm_id, row.ram, row.cpu, row.password_hash, row.last_connected)
+            for d in change.disks:
+                self._add_disk(Disk(d.id, d.disk_id, d.size, vm))
+            self._vms[vm.vm_id] = vm
+            self._vm_blocks.add(vm)
+        elif isinstance(change, VMUpdated):
+            vm = self._vms[change.vm_id]
+            vm.ram, vm.cpu = change.ram, change.cpu
+            self._set_disks(vm, change.disks)
+        else:
+            vm = self._vms.pop(change.vm_id)
+            self._vm_blocks.remove(vm)
+            for disk in vm.disks:
+                del self._disks[disk.disk_id]
+                self._disk_blocks.remove(disk)
+            if change.event is not None:
+                self._announce(change.event, vm)
+            vm.disks = []  # no VM <-> disk cycle left: freed at once, even if loaded before gc.freeze()
+            return vm
+        self._changed(vm)
+        if change.event is not None:
+            self._announce(change.event, vm, change.reason if isinstance(change, PresenceChanged) else None)
+        return vm
+
+    def _add_disk(self, disk: Disk) -> None:
+        disk.vm.disks.append(disk)
+        self._disks[disk.disk_id] = disk
+        self._disk_blocks.add(disk)
+
+    def _set_disks(self, vm: VM, rows: Sequence[DiskRow]) -> None:
+        """Make ``vm``'s disks ``rows``: the unchanged kept as they are, the resized re-encoded."""
+        wanted = {row.disk_id: row for row in rows}
+        kept = []
+        for disk in vm.disks:
+            row = wanted.pop(disk.disk_id, None)
+            if row is None:
+                del self._disks[disk.disk_id]
+                self._disk_blocks.remove(disk)
+                continue
+            if row.size != disk.size:
+                disk.size = row.size
+                disk.encode()
+                self._disk_blocks.touch(disk)
+            kept.append(disk)
+        vm.disks = kept
+        for row in wanted.values():
+            self._add_disk(Disk(row.id, row.disk_id, row.size, vm))
+        vm.disks.sort(key=_disk_pk)
+
     def _changed(self, vm: VM) -> None:
         vm.encode()
         self._vm_blocks.touch(vm)
 
+    def _presence(self, vm: VM, event: str | None, reason: str | None = None,
+                  last_connected: str | None = None) -> None:
+        """Apply what presence now says of ``vm``."""
+        self.apply(PresenceChanged(vm.vm_id, self.presence.holder(vm.vm_id), self.presence.authorized(vm.vm_id),
+                                   event, last_connected, reason))
+
     def _announce(self, event: str, vm: VM, reason: str | None = None, count: int | None = None) -> None:
-        """Tell the listeners (live events): ``listener(event, vm_id, data)``, where ``data()``
-        is the event's JSON, made once on first call: the record, plus why it disconnected or
-        which command failed, plus how many failures an auth_failed stands for."""
-        if not self.listeners:
+        """Tell the event feed: ``data()`` is the event's JSON, made once on first call: the
+        record, plus why it disconnected or which command failed, plus how many failures an
+        auth_failed stands for."""
+        if not self.feed.listeners:
             return
         made: list[bytes] = []
 
@@ -253,25 +249,18 @@ class Inventory:
                 made.append(vm.json()[:-1] + extra + b"}" if extra else vm.json())
             return made[0]
 
-        for listener in self.listeners:
-            try:
-                listener(event, vm.vm_id, data)
-            except Exception:  # a broken listener must not undo or block a change
-                log.exception("event listener failed on %s %s", event, vm.vm_id)
+        self.feed.publish(event, vm.vm_id, data)
 
-    def journal(self, event: str, vm: VM, actor: Owner | None, reason: str | None = None) -> None:
-        """Record in the history, and announce, what has no write of its own: presence changes.
+    # --- history rows with no write of their own (presence changes, failed passwords) -------
+
+    def _record(self, row: HistoryRow) -> None:
+        """Queue a history row; the rows of one loop turn go to the store as one job (a fleet
+        hanging up at once is a few jobs of many rows, not a job each).
 
         Not awaited: the reply does not wait for the history row. Never raises: the change is
-        already made in memory, so it stays made and is answered as made; a row the writer
+        already made in memory, so it stays made and is answered as made; a row the store
         refuses (the server is stopping) or fails to write is logged.
         """
-        self._record(_history_row(event, vm.vm_id, actor, reason))
-        self._announce(event, vm, reason)
-
-    def _record(self, row: sql.HistoryRow) -> None:
-        """Queue a history row; the rows of one loop turn go to the writer as one job (a fleet
-        hanging up at once is a few jobs of many rows, not a job each)."""
         if self._rows is None:
             loop = asyncio.get_running_loop()
             self._rows = []
@@ -280,15 +269,15 @@ class Inventory:
         self._rows.append(row)
 
     def _flush_rows(self) -> None:
-        """Hand the queued rows to the writer; before any other write too, so that history ids
+        """Hand the queued rows to the store; before any other write too, so that history ids
         keep the order in which things happened."""
         rows, done = self._rows, self._rows_done
         if rows is None or done is None:
             return
         self._rows = self._rows_done = None
         try:
-            future = self.writer.submit(f"history: {len(rows)} rows", sql.append_history, rows)
-        except StoreError as exc:
+            future = self.store.submit(f"history: {len(rows)} rows", None, rows)
+        except CommandError as exc:
             shown = ", ".join(f"{row[2]} {row[1]}" for row in rows[:3]) + (", ..." if len(rows) > 3 else "")
             log.error("history not recorded (%d rows: %s): %s", len(rows), shown, exc)
             done.set_result(None)
@@ -298,11 +287,12 @@ class Inventory:
 
     async def settle(self) -> None:
         """Wait until every write and history row queued so far is committed."""
-        await self._submit("settle", _nothing)
+        await self._submit("settle", None)
 
-    def _submit(self, what: str, fn: Callable[..., Any], *args: Any, **callbacks: Any) -> asyncio.Future[Any]:
+    def _submit(self, what: str, write: Any, history: Sequence[HistoryRow] = (),
+                **callbacks: Any) -> asyncio.Future[Any]:
         self._flush_rows()
-        return self.writer.submit(what, fn, *args, **callbacks)
+        return self.store.submit(what, write, history, **callbacks)
 
     def auth_failed(self, vm: VM, actor: Owner, command: str) -> None:
         """A wrong or missing password for ``vm``: recorded and announced at once the first time;
@@ -384,7 +374,7 @@ class Inventory:
                   password_hash: str | None, owner: Owner | None = None, actor: Owner | None = None) -> VM:
         """Register a VM; with ``owner``, it is connected by that session in the same step.
 
-        :raises CommandError: already_exists, conflict. :raises StoreError: nothing was stored.
+        :raises CommandError: already_exists, conflict; internal (StorageError): nothing was stored.
         """
         self.check_can_add(vm_id, disks, connecting=owner is not None)
         disk_ids = [d.disk_id for d in disks]
@@ -406,19 +396,11 @@ class Inventory:
             unreserve()
             ended = self._orphaned.pop(vm_id, None) if owner is not None else None
             vm_pk, disk_pks = result
-            vm = VM(vm_pk, vm_id, ram, cpu, password_hash, last_connected)
-            for pk, spec in zip(disk_pks, disks):
-                disk = Disk(pk, spec.disk_id, spec.size, vm)
-                vm.disks.append(disk)
-                self._disks[disk.disk_id] = disk
-                self._disk_blocks.add(disk)
-            self._vms[vm_id] = vm
-            self._vm_blocks.add(vm)
-            self._changed(vm)
-            self._announce("vm_added", vm)
+            vm = self.apply(VMAdded(VMRow(vm_pk, vm_id, ram, cpu, password_hash, last_connected),
+                                    tuple(DiskRow(pk, spec.disk_id, spec.size, vm_pk)
+                                          for pk, spec in zip(disk_pks, disks))))
             if owner is not None and not owner.ended:
-                self._bind(vm, owner)
-                self._announce("vm_connected", vm)
+                self._bind(vm, owner, "vm_connected")
             elif owner is not None:
                 # The session ended while its connect was being committed: the stored connect is
                 # followed by its end, so the history says what happened. No event: to the live
@@ -427,11 +409,10 @@ class Inventory:
             return vm
 
         who = owner or actor
-        args = (vm_id, ram, cpu, password_hash, [(d.disk_id, d.size) for d in disks], now, last_connected)
-        return await self._submit(
-            f"add {vm_id}", sql.with_history, sql.insert_vm, args,
-            [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else []),
-            on_commit=committed, on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
+        write = AddVM(vm_id, ram, cpu, password_hash, tuple((d.disk_id, d.size) for d in disks), now, last_connected)
+        history = [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else [])
+        return await self._submit(f"add {vm_id}", write, history, on_commit=committed,
+                                  on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
 
     async def connect(self, vm_id: str, owner: Owner) -> VM:
         """Bind a known VM to ``owner`` (idempotent for the same owner) and record last_connected.
@@ -439,37 +420,43 @@ class Inventory:
         The claim is made at once, so a racing session gets conflict; if recording fails, the
         claim is undone.
 
-        :raises CommandError: not_found, conflict. :raises StoreError: not connected.
+        :raises CommandError: not_found, conflict; internal (StorageError): not connected.
         """
         vm = self.get(vm_id)
-        if vm.owner is owner:
+        holder = self.presence.holder(vm_id)
+        if holder == owner.key:
             return vm
-        if vm.owner is not None:
+        if holder is not None:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is connected by another session")
         if self.removing(vm_id):
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed")
-        self._bind(vm, owner)
+        self._bind(vm, owner, None)
         now = utc_now()
 
         def committed(_: None) -> VM:
-            vm.last_connected = now
-            self._changed(vm)
-            if vm.owner is owner:
-                self._announce("vm_connected", vm)
+            held = self.presence.holder(vm_id) == owner.key
+            self._presence(vm, "vm_connected" if held else None, last_connected=now)
             return vm
 
         def failed() -> None:
-            if vm.owner is owner:
-                self._unbind(vm)
+            self._unbind(vm, owner, None)
 
-        return await self._submit(f"connect {vm_id}", sql.with_history, sql.set_last_connected, (vm.id, now),
-                                        [_history_row("vm_connected", vm_id, owner)],
-                                        on_commit=committed, on_fail=failed)
+        return await self._submit(f"connect {vm_id}", SetLastConnected(vm.id, now),
+                                  [_history_row("vm_connected", vm_id, owner)], on_commit=committed, on_fail=failed)
 
-    def _bind(self, vm: VM, owner: Owner) -> None:
-        vm.owner = owner
+    def _bind(self, vm: VM, owner: Owner, event: str | None) -> None:
+        if not self.presence.claim(vm.vm_id, owner.key):
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm.vm_id!r} is connected by another session")
         owner.vms.add(vm.vm_id)
-        self._changed(vm)
+        self._holding[owner.key] = owner
+        self._presence(vm, event)
+
+    def _unbind(self, vm: VM, owner: Owner, event: str | None, reason: str | None = None) -> bool:
+        owner.vms.discard(vm.vm_id)
+        if not self.presence.release(vm.vm_id, owner.key):
+            return False
+        self._presence(vm, event, reason)
+        return True
 
     def held_by(self, vm_id: str, owner: Owner) -> VM:
         """The VM, which ``owner`` must have connected.
@@ -477,31 +464,38 @@ class Inventory:
         :raises CommandError: not_found, not_connected.
         """
         vm = self.get(vm_id)
-        if vm.owner is not owner:
-            why = "connect_vm it first" if vm.owner is None else "another session holds it"
+        holder = self.presence.holder(vm_id)
+        if holder != owner.key:
+            why = "connect_vm it first" if holder is None else "another session holds it"
             raise CommandError(ErrorCode.NOT_CONNECTED, f"VM {vm_id!r} is not connected by this session; {why}")
         return vm
 
+    def holds(self, vm: VM, owner: Owner) -> bool:
+        return self.presence.holder(vm.vm_id) == owner.key
+
+    def connected(self, vm: VM) -> bool:
+        return self.presence.holder(vm.vm_id) is not None
+
     def authorize(self, vm_id: str, owner: Owner) -> VM:
         vm = self.held_by(vm_id, owner)
-        if not vm.authorized:
-            vm.authorized = True
-            self._changed(vm)
-            self.journal("vm_authorized", vm, owner)
+        if not self.presence.authorized(vm_id):
+            self.presence.authorize(vm_id, owner.key, True)
+            self._record(_history_row("vm_authorized", vm_id, owner))
+            self._presence(vm, "vm_authorized")
         return vm
 
     def authorized_by(self, vm_id: str, owner: Owner) -> VM:
         """:raises CommandError: not_found, not_authorized."""
         vm = self.get(vm_id)
-        if vm.owner is not owner or not vm.authorized:
+        if self.presence.holder(vm_id) != owner.key or not self.presence.authorized(vm_id):
             raise CommandError(ErrorCode.NOT_AUTHORIZED, f"VM {vm_id!r} is not authorized by this session")
         return vm
 
     def deauthorize(self, vm_id: str, owner: Owner) -> VM:
         vm = self.authorized_by(vm_id, owner)
-        vm.authorized = False
-        self._changed(vm)
-        self.journal("vm_deauthorized", vm, owner)
+        self.presence.authorize(vm_id, owner.key, False)
+        self._record(_history_row("vm_deauthorized", vm_id, owner))
+        self._presence(vm, "vm_deauthorized")
         return vm
 
     async def update(self, vm_id: str, owner: Owner, ram: int | None, cpu: int | None,
@@ -535,41 +529,26 @@ class Inventory:
 
         def committed(new_pks: list[int]) -> VM:
             unreserve()
-            vm.ram, vm.cpu = new_ram, new_cpu
-            for disk in remove:
-                del self._disks[disk.disk_id]
-                self._disk_blocks.remove(disk)
-            for disk, size in resize:
-                disk.size = size
-                disk.encode()
-                self._disk_blocks.touch(disk)
-            if remove:
-                gone = {id(d) for d in remove}
-                vm.disks = [d for d in vm.disks if id(d) not in gone]
-            for pk, spec in zip(new_pks, add):
-                disk = Disk(pk, spec.disk_id, spec.size, vm)
-                vm.disks.append(disk)
-                self._disks[disk.disk_id] = disk
-                self._disk_blocks.add(disk)
-            self._changed(vm)
-            self._announce("vm_updated", vm)
-            return vm
+            sizes = {d.id: size for d, size in resize}
+            gone = {d.id for d in remove}
+            rows = [DiskRow(d.id, d.disk_id, sizes.get(d.id, d.size), vm.id) for d in vm.disks if d.id not in gone]
+            rows += [DiskRow(pk, spec.disk_id, spec.size, vm.id) for pk, spec in zip(new_pks, add)]
+            return self.apply(VMUpdated(vm_id, new_ram, new_cpu, tuple(rows)))
 
-        args = (vm.id, new_ram, new_cpu, [d.id for d in remove], [(d.id, size) for d, size in resize],
-                [(s.disk_id, s.size) for s in add])
-        return await self._submit(
-            f"update {vm_id}", sql.with_history, sql.update_vm, args, [_history_row("vm_updated", vm_id, owner)],
-            on_commit=committed, on_fail=unreserve)
+        write = UpdateVM(vm.id, new_ram, new_cpu, tuple(d.id for d in remove), tuple((d.id, size) for d, size in resize),
+                         tuple((s.disk_id, s.size) for s in add))
+        return await self._submit(f"update {vm_id}", write, [_history_row("vm_updated", vm_id, owner)],
+                                  on_commit=committed, on_fail=unreserve)
 
     async def remove(self, vm_id: str, actor: Owner | None = None) -> VM:
         """Unregister a VM and its disks; refused while a session holds it.
 
         Its name is claimed until the removal is committed, so it cannot be connected meanwhile.
 
-        :raises CommandError: not_found, conflict. :raises StoreError: nothing was removed.
+        :raises CommandError: not_found, conflict; internal (StorageError): nothing was removed.
         """
         vm = self.get(vm_id)
-        if vm.owner is not None:
+        if self.presence.holder(vm_id) is not None:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is connected; disconnect it first")
         if vm_id in self._reserved_vm_ids:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed by another session")
@@ -577,18 +556,10 @@ class Inventory:
 
         def committed(_: None) -> VM:
             self._reserved_vm_ids.discard(vm_id)
-            del self._vms[vm_id]
-            self._vm_blocks.remove(vm)
-            for disk in vm.disks:
-                del self._disks[disk.disk_id]
-                self._disk_blocks.remove(disk)
-            self._announce("vm_removed", vm)
-            vm.disks = []  # no VM <-> disk cycle left: freed at once, even if loaded before gc.freeze()
-            return vm
+            return self.apply(VMRemoved(vm_id))
 
-        return await self._submit(f"remove {vm_id}", sql.with_history, sql.delete_vm, (vm.id,),
-                                        [_history_row("vm_removed", vm_id, actor)], on_commit=committed,
-                                        on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
+        return await self._submit(f"remove {vm_id}", RemoveVM(vm.id), [_history_row("vm_removed", vm_id, actor)],
+                                  on_commit=committed, on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
 
     def removing(self, vm_id: str) -> bool:
         """A known VM whose removal is waiting for its commit."""
@@ -596,16 +567,9 @@ class Inventory:
 
     def disconnect(self, vm_id: str, owner: Owner) -> VM:
         vm = self.held_by(vm_id, owner)
-        self._unbind(vm)
-        self.journal("vm_disconnected", vm, owner, "request")
+        self._record(_history_row("vm_disconnected", vm_id, owner, "request"))
+        self._unbind(vm, owner, "vm_disconnected", "request")
         return vm
-
-    def _unbind(self, vm: VM) -> None:
-        if vm.owner is not None:
-            vm.owner.vms.discard(vm.vm_id)
-        vm.owner = None
-        vm.authorized = False
-        self._changed(vm)
 
     def release(self, owner: Owner, reason: str = "session_closed") -> list[str]:
         """A session ended: every VM it connected becomes disconnected and deauthorized.
@@ -619,11 +583,12 @@ class Inventory:
         released = []
         for vm_id in list(owner.vms):
             vm = self._vms.get(vm_id)
-            if vm is not None and vm.owner is owner:
-                self._unbind(vm)
+            if vm is not None and self.presence.holder(vm_id) == owner.key:
+                self._record(_history_row("vm_disconnected", vm_id, owner, reason))
+                self._unbind(vm, owner, "vm_disconnected", reason)
                 released.append(vm_id)
-                self.journal("vm_disconnected", vm, owner, reason)
         owner.vms.clear()
+        self._holding.pop(owner.key, None)
         return released
 
     # --- lists (each built without yielding to the loop: one consistent snapshot) ------
@@ -713,14 +678,14 @@ class Inventory:
                       limit: int) -> bytes:
         """History rows, newest first, as a JSON array.
 
-        Read on a reader connection, never through the writer: a slow read holds up no write.
-        It waits first for the presence rows already journaled (they are not awaited when
-        written), so a session reads its own changes, as it would with one connection.
+        Never queued behind the writes (the store reads beside them). It waits first for the
+        presence rows already journaled (they are not awaited when written), so a session reads
+        its own changes, as it would with one connection.
         """
         tail = self._journal_tail
         if tail is not None and not tail.done():
             await asyncio.wait((tail,), timeout=JOURNAL_WAIT)
-        rows = await self._read("read history", sql.read_history, vm_id, event, since, before, limit)
+        rows = await self.store.read_history(vm_id, event, since, before, limit)
         out = []
         for id, ts, vm_id, event, peer, reason, count in rows:
             entry: dict[str, Any] = {"id": id, "ts": ts, "vm_id": vm_id, "event": event, "peer": peer}
@@ -731,29 +696,23 @@ class Inventory:
             out.append(entry)
         return dumps(out)
 
-    async def _read(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        readers = self.store.readers
-        if readers is None:  # :memory: has no second connection to read it: the writer reads
-            return await self._submit(what, fn, *args)
-        return await asyncio.wrap_future(readers.submit(what, fn, *args))
-
     async def prune_history(self, before: str, batch: int = PRUNE_BATCH) -> int:
         """Delete the history older than ``before`` in batches, each its own short write job, so
         writes queued meanwhile go between them; returns how many rows went."""
         total = 0
         while True:
-            pruned = await self._submit("prune history", sql.prune_history, before, batch)
+            pruned = await self._submit("prune history", PruneHistory(before, batch))
             total += pruned
             if pruned < batch:
                 return total
             await asyncio.sleep(0)  # let the sessions run before the next batch is queued
 
     def close(self, timeout: float = 10.0) -> None:
-        """Record what is still pending, let the writer finish what is queued, close the database.
+        """Record what is still pending, let the store finish what is queued, and close it.
 
         Pending: failed password checks being counted, and VMs still held by sessions that
         have not ended yet (cut off at shutdown): they are disconnected here with reason
-        ``shutdown``, so that their rows are written before the writer stops. If the writer is
+        ``shutdown``, so that their rows are written before the store stops. If its writer is
         still busy after ``timeout`` (a write stuck on a lock), the database is left open
         rather than closed under it; calling close() again tries again.
         """
@@ -761,17 +720,16 @@ class Inventory:
             self._closed = True
             for vm_id in list(self._bursts):
                 self._end_burst(vm_id)
-            for owner in {vm.owner for vm in self._vms.values() if vm.owner is not None}:
+            for owner in list(self._holding.values()):
                 self.release(owner, "shutdown")
             self._flush_rows()
-        if not self.writer.close(timeout):  # the join timed out
-            log.error("database %s left open: the writer is still using it", self.store.path)
+        if not self.store.close(timeout):
+            log.error("database %s left open: the writer is still using it", self.store.label)
             return
         if self._store_closed:
             return
         self._store_closed = True
-        self.store.close()
-        w = self.writer
-        if w.writes:  # how well group commit batched: writes per transaction (per fsync)
-            log.info("database writer: %d writes in %d transactions (%.1f per commit)", w.writes, w.batches,
-                     w.writes / max(1, w.batches))
+        s = self.store
+        if s.writes:  # how well group commit batched: writes per transaction (per fsync)
+            log.info("database writer: %d writes in %d transactions (%.1f per commit)", s.writes, s.batches,
+                     s.writes / max(1, s.batches))

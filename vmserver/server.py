@@ -24,13 +24,14 @@ from typing import Any
 from . import __version__, limits
 from .commands import COMMANDS, Context, Reply, execute
 from .config import Config
-from .errors import ErrorCode
+from .backends import open_store
+from .errors import ErrorCode, StorageError
 from .inventory import Inventory
 from .listing import pieces
+from .presence import session_key
 from .protocol import (
     RequestError, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
 )
-from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,12 @@ class Subscription:
 class Session:
     """One client connection; ``vms`` are the VMs it has connected (bound to its lifetime)."""
 
-    __slots__ = ("name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended",
+    __slots__ = ("key", "name", "vms", "task", "busy", "last_active", "stop_reason", "authenticated", "ended",
                  "subscription", "writing", "spent", "_server", "_writer", "_drainer")
 
     def __init__(self, name: str, task: asyncio.Task[Any] | None, authenticated: bool = True,
                  server: Server | None = None, writer: asyncio.StreamWriter | None = None) -> None:
+        self.key = session_key()
         self.name = name
         self.vms: set[str] = set()
         self.task = task
@@ -185,7 +187,7 @@ class Server:
                                                         limits.fd_limit())
         if warning:
             log.warning("%s", warning)
-        inventory.listeners.append(self._publish)
+        inventory.feed.listen(self._publish)
         self._pruner: asyncio.Task[None] | None = None
         self._refused, self._refused_logged = 0, -10.0  # connections refused over the cap, not yet logged
         self._servers: list[asyncio.Server] = []
@@ -299,7 +301,7 @@ class Server:
                 pruned = await self.inventory.prune_history(cutoff)
                 if pruned:
                     log.info("history: pruned %d events older than %s", pruned, cutoff)
-            except StoreError as exc:
+            except StorageError as exc:
                 log.error("history pruning failed: %s", exc)
             await asyncio.sleep(3600)
 
@@ -727,11 +729,11 @@ def _is_loopback(peer: Any) -> bool:
 async def start_server(config: Config) -> Server:
     """Check TLS, open the store, load the inventory, and start listening.
 
-    :raises TLSConfigError: certificate unusable. :raises StoreError: database unusable.
+    :raises TLSConfigError: certificate unusable. :raises StorageError: database unusable.
     :raises OSError: cannot listen.
     """
     tls = tls_context(config)  # first: a bad certificate should not leave a new database behind
-    inventory = Inventory(Store(config.db, config.busy_timeout_ms), config.max_write_batch)
+    inventory = Inventory(open_store(config.db, config.busy_timeout_ms, config.max_write_batch))
     server = Server(config, inventory)
     try:
         inventory.start(asyncio.get_running_loop())

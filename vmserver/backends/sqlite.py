@@ -1,13 +1,15 @@
-"""SQLite persistence: the owner of the database's connections, its schema and migrations.
+"""The SQLite backend (the embedded default): the file's connections, schema and migrations.
 
-One connection writes (driven by the writer thread); every mutation runs in one ``BEGIN
-IMMEDIATE`` transaction. A few read-only connections (:class:`Readers`) serve the reads that
-may be slow, beside it. Any ``sqlite3.Error`` becomes a :class:`StoreError` naming the file,
-which the server answers with ``internal``.
+One connection writes (driven by the group-committing writer thread); every mutation runs in
+one ``BEGIN IMMEDIATE`` transaction. A few read-only connections (:class:`Readers`) serve the
+reads that may be slow, beside it. Any ``sqlite3.Error`` becomes a StorageError naming the
+file (answered ``internal``), a unique violation the protocol's already_exists or conflict.
+:class:`SQLiteStore` is the storage port (base.Store) over all of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -18,6 +20,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from ..errors import CommandError, StorageError
+from .base import (AddVM, DiskRow, HistoryRow, Job, Outcome, PruneHistory, RemoveVM, SetLastConnected, Snapshot,
+                   StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, vm_taken)
+from .group_commit import DEFAULT_MAX_BATCH, GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +85,6 @@ MIGRATIONS: list[list[str]] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class StoreError(Exception):
-    """A database operation failed; the message names the file and the operation."""
-
-
 T = TypeVar("T")
 
 
@@ -120,18 +123,39 @@ def set_last_connected(db: sqlite3.Connection, vm_pk: int, when: str) -> None:
     db.execute("UPDATE vms SET last_connected = ? WHERE id = ?", (when, vm_pk))
 
 
-# ts, vm_id, event, peer, reason (vm_disconnected: why; auth_failed: the command), count
-HistoryRow = tuple[str, str, str, "str | None", "str | None", "int | None"]
-
-
 def append_history(db: sqlite3.Connection, rows: Sequence[HistoryRow]) -> None:
     db.executemany("INSERT INTO history (ts, vm_id, event, peer, reason, count) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
-def with_history(db: sqlite3.Connection, fn: Callable[..., T], args: Sequence[Any], rows: Sequence[HistoryRow]) -> T:
-    """Run a write and record it in the history in the same transaction."""
-    result = fn(db, *args)
-    append_history(db, rows)
+_WRITES: dict[type, Callable[[sqlite3.Connection, Any], Any]] = {
+    AddVM: lambda db, w: insert_vm(db, w.vm_id, w.ram, w.cpu, w.password_hash, w.disks, w.created_at,
+                                   w.last_connected),
+    UpdateVM: lambda db, w: update_vm(db, w.vm_pk, w.ram, w.cpu, w.remove, w.resize, w.add),
+    RemoveVM: lambda db, w: delete_vm(db, w.vm_pk),
+    SetLastConnected: lambda db, w: set_last_connected(db, w.vm_pk, w.when),
+    PruneHistory: lambda db, w: prune_history(db, w.before, w.limit),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """get_history through the writer: only for ``:memory:``, which no reader connection can see."""
+
+    vm_id: str | None
+    event: str | None
+    since: str | None
+    before: int | None
+    limit: int
+
+
+_WRITES[_Read] = lambda db, r: read_history(db, r.vm_id, r.event, r.since, r.before, r.limit)
+
+
+def run_write(db: sqlite3.Connection, write: Write, history: Sequence[HistoryRow]) -> Any:
+    """One job of the port: its write, then its history rows, in the open transaction."""
+    result = None if write is None else _WRITES[type(write)](db, write)
+    if history:
+        append_history(db, history)
     return result
 
 
@@ -185,24 +209,6 @@ def read_history(db: sqlite3.Connection, vm_id: str | None, event: str | None, s
     return db.execute(sql, params).fetchall()
 
 
-@dataclass(slots=True)
-class VMRow:
-    id: int
-    vm_id: str
-    ram: int
-    cpu: int
-    password_hash: str | None
-    last_connected: str | None
-
-
-@dataclass(slots=True)
-class DiskRow:
-    id: int
-    disk_id: str
-    size: int
-    vm_pk: int
-
-
 READERS = 4  # history reads running at once; more wait their turn (never in the writer's queue)
 
 
@@ -225,12 +231,12 @@ class Readers:
     def submit(self, what: str, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(db, *args)`` in a read transaction on a reader thread.
 
-        :raises StoreError: (through the future) the read failed.
+        :raises StorageError: (through the future) the read failed.
         """
         try:
             return self._pool.submit(self._run, what, fn, args)
         except RuntimeError:  # closed
-            raise StoreError(f"database {self.path}: {what} refused: the server is stopping") from None
+            raise StorageError(f"database {self.path}: {what} refused: the server is stopping") from None
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -253,7 +259,7 @@ class Readers:
                 if db.in_transaction:
                     db.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: {what} failed: {exc}") from exc
+            raise StorageError(f"database {self.path}: {what} failed: {exc}") from exc
 
     def close(self) -> None:
         """Let the reads under way finish, drop those not started, close the connections."""
@@ -280,7 +286,7 @@ class Store:
             self._db = db = sqlite3.connect(self.real_path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             self._unlock()
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
         try:
             db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             version = self._check_version()
@@ -289,8 +295,8 @@ class Store:
         except sqlite3.Error as exc:
             self._db.close()
             self._unlock()
-            raise StoreError(f"cannot use database {path}: {exc}") from exc
-        except StoreError:
+            raise StorageError(f"cannot use database {path}: {exc}") from exc
+        except StorageError:
             self._db.close()
             self._unlock()
             raise
@@ -305,14 +311,14 @@ class Store:
         locking, durability and sharing this server relies on, and a plain path says all that
         is needed. (SQLite reads ``file:`` names as URIs even without ``uri=True``.)
 
-        :raises StoreError: a URI, an empty path, or a file with several hard links.
+        :raises StorageError: a URI, an empty path, or a file with several hard links.
         """
         if path == ":memory:":
             return path
         if not path:
-            raise StoreError("cannot open database: the path is empty")
+            raise StorageError("cannot open database: the path is empty")
         if path.startswith("file:"):
-            raise StoreError(f"cannot open database {path}: file: URIs are not supported, give the file's path "
+            raise StorageError(f"cannot open database {path}: file: URIs are not supported, give the file's path "
                              f"(a file whose name starts with 'file:' can be given as ./{path})")
         real = os.path.realpath(path)
         try:
@@ -321,7 +327,7 @@ class Store:
             links = 1  # not there yet (SQLite creates it), or unreadable (SQLite says why)
         if links > 1:
             # SQLite keeps the WAL beside the name it opened: two names, two WALs for one file.
-            raise StoreError(f"cannot open database {path}: the file has {links} hard links; "
+            raise StorageError(f"cannot open database {path}: the file has {links} hard links; "
                              "SQLite cannot share one database between several names (use a symlink)")
         return real
 
@@ -339,19 +345,19 @@ class Store:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise StoreError(f"cannot open database {path}: cannot create {lock_path}: {exc.strerror}") from exc
+            raise StorageError(f"cannot open database {path}: cannot create {lock_path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
             os.close(fd)
-            raise StoreError(f"database {path} is in use by another vmserver (pid {holder}, lock {lock_path})") from None
+            raise StorageError(f"database {path} is in use by another vmserver (pid {holder}, lock {lock_path})") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # e.g. the disk is full
             os.close(fd)
-            raise StoreError(f"cannot open database {path}: cannot write {lock_path}: {exc.strerror}") from exc
+            raise StorageError(f"cannot open database {path}: cannot write {lock_path}: {exc.strerror}") from exc
         return fd
 
     def _unlock(self) -> None:
@@ -363,7 +369,7 @@ class Store:
         """The file's schema version; refuses, before touching the file, one newer than ours."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(
+            raise StorageError(
                 f"database {self.path} has schema version {version}, newer than this server's "
                 f"{SCHEMA_VERSION}; upgrade vmserver"
             )
@@ -374,7 +380,7 @@ class Store:
         if self.path != ":memory:":
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
-                raise StoreError(f"cannot use database {self.path}: WAL mode refused (got {mode})")
+                raise StorageError(f"cannot use database {self.path}: WAL mode refused (got {mode})")
         # FULL: an acknowledged write survives power loss, not only a process crash.
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
@@ -404,7 +410,7 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: {what} failed: {exc}") from exc
+            raise StorageError(f"database {self.path}: {what} failed: {exc}") from exc
 
     # --- reads --------------------------------------------------------------------------
 
@@ -420,7 +426,7 @@ class Store:
             finally:
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path}: load failed: {exc}") from exc
+            raise StorageError(f"database {self.path}: load failed: {exc}") from exc
         return vms, disks
 
     # --- writes ---------------------------------------------------------------------------
@@ -428,11 +434,11 @@ class Store:
     # (``write``) or with others in one group-committed transaction (``write_batch``).
 
     def write(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one write alone in its own transaction. :raises StoreError: the write changed nothing."""
+        """Run one write alone in its own transaction. :raises StorageError: the write changed nothing."""
         with self._transaction(what) as db:
             return fn(db, *args, **kwargs)
 
-    def write_batch(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[Any, StoreError | None]]:
+    def write_batch(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[Outcome]:
         """Run writes in one transaction and one commit (one fsync); a failing one fails alone.
 
         The batch first runs straight through. Only if some write fails is it rolled back and
@@ -455,14 +461,14 @@ class Store:
                 return self._commit(jobs, [(result, None) for result in results])
         return self._write_isolated(jobs)
 
-    def _write_isolated(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[Any, StoreError | None]]:
+    def _write_isolated(self, jobs: Sequence[tuple[str, Callable[..., Any], tuple[Any, ...]]]) -> list[Outcome]:
         """One transaction, each job in its own savepoint (none needed for a single job)."""
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             return self._all_failed(jobs, exc)
-        outcomes: list[tuple[Any, StoreError | None]] = []
+        outcomes: list[Outcome] = []
         alone = len(jobs) == 1  # then the transaction itself isolates it: no savepoint needed
         for what, fn, args in jobs:
             try:
@@ -476,7 +482,7 @@ class Store:
             except Exception as exc:  # sqlite3.Error, or a bug in the job: it fails, not the writer
                 if not isinstance(exc, sqlite3.Error):
                     log.exception("database %s: %s", self.path, what)
-                error = StoreError(f"database {self.path}: {what} failed: {exc}")
+                error = self._failure(what, exc)
                 if alone or not db.in_transaction:  # all of it is undone (e.g. disk full): all fail
                     self._abandon()
                     return [(None, error) for _ in jobs]
@@ -489,7 +495,18 @@ class Store:
                 outcomes.append((None, error))
         return self._commit(jobs, outcomes)
 
-    def _commit(self, jobs: Sequence[tuple[str, Any, Any]], outcomes: list[tuple[Any, StoreError | None]]) -> list[tuple[Any, StoreError | None]]:
+    def _failure(self, what: str, exc: Exception) -> CommandError:
+        """A unique violation is a clash the in-memory checks could not see (a row written by
+        hand): the protocol's already_exists or conflict. Anything else: nothing was changed."""
+        text = str(exc)
+        if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in text:
+            if "vms.vm_id" in text:
+                return vm_taken(what)
+            if "disks.disk_id" in text:
+                return disk_taken(what)
+        return StorageError(f"database {self.path}: {what} failed: {exc}")
+
+    def _commit(self, jobs: Sequence[tuple[str, Any, Any]], outcomes: list[Outcome]) -> list[Outcome]:
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -498,9 +515,9 @@ class Store:
         return outcomes
 
     def _all_failed(self, jobs: Sequence[tuple[str, Any, Any]], exc: Exception,
-                    step: str | None = None) -> list[tuple[Any, StoreError | None]]:
+                    step: str | None = None) -> list[Outcome]:
         """Every job fails of one cause, named by ``step`` (the commit) or else by each job's name."""
-        return [(None, StoreError(f"database {self.path}: {step or what} failed: {exc}")) for what, _, _ in jobs]
+        return [(None, StorageError(f"database {self.path}: {step or what} failed: {exc}")) for what, _, _ in jobs]
 
     def _abandon(self) -> None:
         try:
@@ -521,3 +538,88 @@ class Store:
             log.error("database %s: close failed: %s", self.path, exc)
         finally:
             self._unlock()
+
+
+def _make_parent(path: str) -> None:
+    """Create the database's directory (private to this user), as the file will be opened:
+    symlinks resolved, no ``~`` expansion; ``file:`` URIs and empty paths are left for Store
+    to refuse. :raises StorageError:"""
+    if path == ":memory:" or path.startswith("file:") or not path:
+        return
+    parent = os.path.dirname(os.path.realpath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o700)
+        except OSError as exc:
+            raise StorageError(f"cannot create the directory of database {path}: {exc.strerror or exc}") from exc
+
+
+class SQLiteStore:
+    """The storage port (base.Store) on an SQLite file: a :class:`Store` written by a
+    group-committing writer thread, read by :class:`Readers` beside it."""
+
+    def __init__(self, path: str, busy_timeout_ms: int = 5000, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        _make_parent(path)
+        self.db = Store(path, busy_timeout_ms)
+        self.label = path
+        self.on_fatal: Callable[[str], None] | None = None  # never called: nothing can take the file away
+        self.writer = GroupCommitter(path, self._execute, max_batch)
+        self._closed = False
+
+    def _execute(self, jobs: list[Job]) -> list[Outcome]:
+        return self.db.write_batch([(what, run_write, (write, history)) for what, write, history in jobs])
+
+    @property
+    def writes(self) -> int:
+        return self.writer.writes
+
+    @property
+    def batches(self) -> int:
+        return self.writer.batches
+
+    def load(self) -> tuple[list[VMRow], list[DiskRow]]:
+        return self.db.load()
+
+    def start(self, loop: Any) -> None:
+        self.writer.start(loop)
+
+    def submit(self, what: str, write: Write, history: Sequence[HistoryRow] = (), *,
+               on_commit: Callable[[Any], Any] | None = None,
+               on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+        return self.writer.submit(what, write, history, on_commit=on_commit, on_fail=on_fail)
+
+    async def read_history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
+                           limit: int) -> list[StoredHistoryRow]:
+        readers = self.db.readers
+        if readers is None:  # :memory: has no second connection to read it: the writer reads
+            return await self.writer.submit("read history", _Read(vm_id, event, since, before, limit))
+        return await asyncio.wrap_future(readers.submit("read history", read_history, vm_id, event, since, before,
+                                                        limit))
+
+    def snapshot(self) -> Snapshot:
+        def read(db: sqlite3.Connection) -> Snapshot:
+            return Snapshot(
+                db.execute("SELECT id, vm_id, ram, cpu, password_hash, last_connected, created_at FROM vms "
+                           "ORDER BY id").fetchall(),
+                db.execute("SELECT id, disk_id, size, vm_id FROM disks ORDER BY id").fetchall(),
+                db.execute("SELECT id, ts, vm_id, event, peer, reason, count FROM history ORDER BY id").fetchall())
+        return self.db.write("snapshot", read)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT EXISTS (SELECT 1 FROM vms)").fetchone()[0]:
+                raise StorageError(f"database {self.label} already holds VMs; copy only into an empty one")
+            db.executemany("INSERT INTO vms (id, vm_id, ram, cpu, password_hash, last_connected, created_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", snapshot.vms)
+            db.executemany("INSERT INTO disks (id, disk_id, size, vm_id) VALUES (?, ?, ?, ?)", snapshot.disks)
+            db.executemany("INSERT INTO history (id, ts, vm_id, event, peer, reason, count) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", snapshot.history)
+        self.db.write("copy", write)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        if not self.writer.close(timeout):  # the join timed out: leave the file open under it
+            return False
+        if not self._closed:
+            self._closed = True
+            self.db.close()
+        return True

@@ -1,4 +1,7 @@
-"""Group commit: one writer thread owns every write to SQLite, off the event loop.
+"""Group commit: one writer thread owns every write to the database, off the event loop.
+
+Shared by both backends: each gives it a function that runs a list of jobs in one transaction
+(``execute``), SQLite's or PostgreSQL's.
 
 Writes that arrive while the previous transaction is being synced wait in a queue and then
 share the next transaction and its single fsync, so 50 concurrent writers cost a handful of
@@ -20,7 +23,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .store import Store, StoreError
+from ..errors import StorageError
+from .base import Job, Outcome, Write
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +32,19 @@ DEFAULT_MAX_BATCH = 256
 
 
 class _Job:
-    __slots__ = ("what", "fn", "args", "future", "on_commit", "on_fail")
+    __slots__ = ("job", "future", "on_commit", "on_fail")
 
-    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], future: asyncio.Future[Any],
+    def __init__(self, job: Job, future: asyncio.Future[Any],
                  on_commit: Callable[[Any], Any] | None, on_fail: Callable[[], None] | None) -> None:
-        self.what, self.fn, self.args, self.future = what, fn, args, future
+        self.job, self.future = job, future
         self.on_commit, self.on_fail = on_commit, on_fail
 
 
 class GroupCommitter:
-    def __init__(self, store: Store, max_batch: int = DEFAULT_MAX_BATCH) -> None:
-        self.store = store
+    def __init__(self, label: str, execute: Callable[[list[Job]], list[Outcome]],
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.label = label  # the database, as messages name it
+        self._execute = execute
         self.max_batch = max(1, max_batch)
         # A C-implemented queue: a put costs a fraction of a Condition's acquire/notify/release.
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: stop after what is queued
@@ -58,21 +64,21 @@ class GroupCommitter:
         self._loop = loop
         self._thread.start()
 
-    def submit(self, what: str, fn: Callable[..., Any], *args: Any,
+    def submit(self, what: str, write: Write, history: Any = (), *,
                on_commit: Callable[[Any], Any] | None = None,
                on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
-        """Queue ``fn(db, *args)``; the future gets ``on_commit(result)`` (or the result) once committed.
+        """Queue a write; the future gets ``on_commit(result)`` (or the result) once committed.
 
-        :raises StoreError: (through the future) when the write failed, at once when the writer is
-            closing; on_fail ran first either way.
+        :raises CommandError: (through the future) when the write failed; StorageError at once
+            when the writer is closing. on_fail ran first either way.
         """
         assert self._loop is not None, "start() first"
         if self._closing:  # what the caller claimed in memory for this write is undone, as on a failure
             if on_fail is not None:
                 on_fail()
-            raise StoreError(f"database {self.store.path}: {what} refused: the server is stopping")
+            raise StorageError(f"database {self.label}: {what} refused: the server is stopping")
         future = self._loop.create_future()
-        self._jobs.put(_Job(what, fn, args, future, on_commit, on_fail))
+        self._jobs.put(_Job((what, write, history), future, on_commit, on_fail))
         return future
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -108,7 +114,7 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.append(job)
-            outcomes = self.store.write_batch([(job.what, job.fn, job.args) for job in batch])
+            outcomes = self._execute([job.job for job in batch])
             self.batches += 1
             self.writes += len(batch)
             self._done.append((batch, outcomes))
@@ -131,7 +137,7 @@ class GroupCommitter:
             self._deliver(batch, outcomes)
 
     @staticmethod
-    def _deliver(batch: list[_Job], outcomes: list[tuple[Any, StoreError | None]]) -> None:
+    def _deliver(batch: list[_Job], outcomes: list[Outcome]) -> None:
         """Mirror each outcome into memory, then wake its waiter."""
         for job, (result, error) in zip(batch, outcomes):
             try:
@@ -141,8 +147,8 @@ class GroupCommitter:
                     if job.on_fail is not None:
                         job.on_fail()
             except Exception as exc:  # a bug in a callback must not strand the others
-                log.exception("after %s", job.what)
-                error, value = StoreError(f"{job.what}: {exc}"), None
+                log.exception("after %s", job.job[0])
+                error, value = StorageError(f"{job.job[0]}: {exc}"), None
             if job.future.done():
                 continue  # its waiter was cancelled; memory is up to date all the same
             if error is None:
