@@ -694,3 +694,18 @@ def test_a_stale_postmaster_pid_naming_another_process_is_not_taken_for_the_serv
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("wanted, outcome", [("", "1 skipped"), ("required", "1 error")])
+def test_the_fixtures_skip_without_postgresql_unless_it_is_required(tmp_path, wanted, outcome):
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    code = ("import sys, pytest; from pathlib import Path; import vmserver.backends.pg_sandbox as s;"
+            " s.LIB_DIR = Path(sys.argv[1]); sys.exit(pytest.main(sys.argv[2:]))")
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(nothing), f"{__file__}::test_the_dsn_works_with_the_driver",
+         "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}"],
+        env={**os.environ, "PATH": str(nothing), "VMSERVER_TEST_POSTGRES": wanted},
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert outcome in done.stdout, done.stdout + done.stderr
+    assert "apt-get install postgresql" in done.stdout
