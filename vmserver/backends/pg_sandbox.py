@@ -511,6 +511,11 @@ def run(directory: Path, command: str | None, server_args: Sequence[str]) -> int
         print(f"pg_sandbox: PostgreSQL's programs (initdb, pg_ctl) are neither on PATH nor in "
               f"{LIB_DIR}/*/bin: {INSTALL_HINT}", file=sys.stderr)
         return 1
+    try:
+        pg = Sandbox(directory, durable=True, bin_dir=bin_dir)
+    except SandboxError as exc:
+        print(f"pg_sandbox: {exc}", file=sys.stderr)
+        return 1
     signals = (signal.SIGINT, signal.SIGTERM)
     pending: list[int] = []
     child: subprocess.Popen | None = None
@@ -524,7 +529,6 @@ def run(directory: Path, command: str | None, server_args: Sequence[str]) -> int
             child.send_signal(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in signals}
-    pg = Sandbox(directory, durable=True, bin_dir=bin_dir)
     try:
         for step in (pg.init, pg.start):
             step()
@@ -558,6 +562,8 @@ def run(directory: Path, command: str | None, server_args: Sequence[str]) -> int
             signal.signal(s, signal.SIG_IGN)
         try:
             pg.cleanup()
+        except SandboxError as exc:
+            print(f"pg_sandbox: {exc}", file=sys.stderr)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
