@@ -1,4 +1,4 @@
-"""The closed set of protocol error codes and the exception that carries one to the wire."""
+"""The closed set of protocol error codes and the exceptions that carry one to the wire."""
 
 from enum import Enum
 
@@ -31,3 +31,17 @@ class CommandError(Exception):
 
     def __repr__(self) -> str:
         return f"CommandError({self.code.value!r}, {self.message!r})"
+
+
+class StorageError(CommandError):
+    """The database failed a read or write (nothing was changed), or cannot be used at all.
+
+    Answered ``internal``; the message names the database and the cause, for the log only: the
+    client hears that the storage failed, not where it lives.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL, message)
+
+    def __repr__(self) -> str:
+        return f"StorageError({self.message!r})"
