@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test demo bench bench-smoke clean
+.PHONY: run run-postgres test demo bench bench-smoke clean
 
 # The stamps reinstall only when pyproject.toml changes.
 $(BIN)/python:
@@ -18,8 +18,17 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-postgres: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[postgres]'
+	touch $@ $(VENV)/.installed
+
 run: $(VENV)/.installed
 	$(BIN)/vmserver $(ARGS)
+
+# The server on a throwaway PostgreSQL kept in .pgdata/ (needs PostgreSQL's programs: apt-get
+# install postgresql); PostgreSQL stops when the server does. ARGS go to the server.
+run-postgres: $(VENV)/.installed-postgres
+	$(BIN)/python -m vmserver.backends.pg_sandbox run --dir .pgdata -- $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(ARGS)
