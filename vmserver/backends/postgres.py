@@ -702,7 +702,7 @@ class PostgresStore:
 
     def _commit(self, conn: psycopg.Connection, xid: str, jobs: list[Job], outcomes: list[Outcome]) -> list[Outcome]:
         try:
-            conn.execute("COMMIT")
+            conn.execute("COMMIT", prepare=False)
         except psycopg.Error as exc:
             if _broken(conn):  # COMMIT was sent: it may or may not have happened
                 raise _Lost(self._reason(exc), xid, outcomes) from None
@@ -940,24 +940,26 @@ class Readers:
 
     def _run(self, what: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         store = self._store
-        conn = getattr(self._local, "conn", None)
-        if conn is None or _broken(conn):
-            if conn is not None:
-                self._forget(conn)
+        for attempt in range(2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                try:
+                    conn = store.connect("reader")
+                except StorageError as exc:
+                    raise StorageError(f"database {store.label}: {what} failed: {exc.message}") from None
+                with self._guard:
+                    self.connections.append(conn)
+                self._local.conn = conn
             try:
-                conn = store.connect("reader")
-            except StorageError as exc:
-                raise StorageError(f"database {store.label}: {what} failed: {exc.message}") from None
-            with self._guard:
-                self.connections.append(conn)
-            self._local.conn = conn
-        try:
-            return fn(conn, *args)
-        except psycopg.Error as exc:
-            if _broken(conn):
+                return fn(conn, *args)
+            except psycopg.Error as exc:
+                if not _broken(conn):
+                    raise StorageError(f"database {store.label}: {what} failed: {store._reason(exc)}") from None
                 self._forget(conn)
                 self._local.conn = None
-            raise StorageError(f"database {store.label}: {what} failed: {store._reason(exc)}") from None
+                if attempt:  # a connection that died while idle (a restart) gets one new try: reads change nothing
+                    raise StorageError(f"database {store.label}: {what} failed: {store._reason(exc)}") from None
+        raise AssertionError("unreachable")
 
     def _forget(self, conn: psycopg.Connection) -> None:
         conn.close()
