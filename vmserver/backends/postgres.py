@@ -466,6 +466,8 @@ class PostgresStore:
             if not starting and backend == self._backend and app == self.application_name:
                 # Our previous primary, which PostgreSQL has not yet seen die (a cut network):
                 # it is ours to end, and it commits nothing more (its client is gone).
+                log.warning("database %s: ending this server's previous session (backend %d), which still holds "
+                            "the lock", self.label, backend)
                 conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
                 raise psycopg.OperationalError(f"the previous session (backend {backend}) still holds the lock")
             match = re.fullmatch(r"vmserver pid (\d+)", app or "")
@@ -629,7 +631,7 @@ class PostgresStore:
                     return outcomes
                 except _Lost as exc:
                     lost = exc
-                    self._drop(lost.reason)
+                    self._drop(lost.reason, lost.xid)
                 except Exception:
                     self._rollback_quietly(conn)  # a bug midway: its half must not commit with the next batch
                     raise
@@ -658,14 +660,15 @@ class PostgresStore:
                 xid = conn.execute("SELECT pg_current_xact_id()::text")
                 results = _send_all(conn, jobs)
             outcomes: list[Outcome] = [(result(), None) for result in results]
-            return self._commit(conn, xid.fetchone()[0], jobs, outcomes)
+            xid_text = xid.fetchone()[0]
         except Exception as exc:  # psycopg.Error, or a bug in a job: find out which, keep the others
             if isinstance(exc, psycopg.Error) and _broken(conn):
                 raise _Lost(self._reason(exc)) from None
             self._rollback(conn)
             if len(jobs) == 1 and isinstance(exc, psycopg.Error):  # the transaction was its isolation
                 return [(None, self._failure(jobs[0][0], exc))]
-        return self._isolated(conn, jobs)
+            return self._isolated(conn, jobs)
+        return self._commit(conn, xid_text, jobs, outcomes)
 
     def _isolated(self, conn: psycopg.Connection, jobs: list[Job]) -> list[Outcome]:
         try:
@@ -742,17 +745,15 @@ class PostgresStore:
         and ask PostgreSQL whether the transaction committed, and answer that."""
         assert lost.xid is not None and lost.outcomes is not None
         deadline = time.monotonic() + self.resolve_wait
-        with self._changed:
-            self._pending[lost.xid] = None
-            self._wake.set()
-            while self._pending[lost.xid] is None and self._state not in (_FATAL, _CLOSED) and not self._closing:
+        with self._changed:  # _drop() registered the xid: the reconnect asks about it
+            while self._pending[lost.xid] is None and self._state == _DOWN and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
             status = self._pending.pop(lost.xid)
             if status is None:
-                self._unknown.append(lost.xid)
+                self._unknown.append(lost.xid)  # the next reconnect asks again, and logs what it hears
         if status == "committed":
             log.warning("database %s: the connection was lost during a commit of %d writes, which did happen",
                         self.label, len(jobs))
@@ -770,12 +771,15 @@ class PostgresStore:
 
     # --- losing and finding the primary (the watchdog thread) ---------------------------------
 
-    def _drop(self, reason: str) -> None:
-        """The primary is lost (the caller holds _conn_lock): close it, refuse writes, wake the watchdog."""
+    def _drop(self, reason: str, xid: str | None = None) -> None:
+        """The primary is lost (the caller holds _conn_lock): close it, refuse writes, wake the
+        watchdog, which will ask about ``xid`` (a commit whose reply was lost) once reconnected."""
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
         with self._changed:
+            if xid is not None:
+                self._pending[xid] = None
             if self._state == _UP:
                 self._state, self._down_since, self._down_reason = _DOWN, time.monotonic(), reason
                 log.error("database %s: lost the connection (%s); writes fail until it is back", self.label, reason)
@@ -816,10 +820,12 @@ class PostgresStore:
             if conn is None or self._state != _UP:
                 return
             failure = _ping(conn, PING_TIMEOUT)
-            if failure is None:
-                self._last_ok = time.monotonic()
-            else:
+            if failure is not None:
                 self._drop(failure)
+                return
+            self._last_ok = time.monotonic()
+            if self._unknown:  # the reconnect could not tell: ask again
+                self._answered(self._ask(conn))
         finally:
             self._conn_lock.release()
 
@@ -832,29 +838,27 @@ class PostgresStore:
             try:
                 self._take_lock(conn, starting=False)
             except _Fatal:
-                self._answer(conn)  # our old session has ended: somebody else holds the lock
+                self._answered(self._ask(conn))  # our old session has ended: somebody else holds the lock
                 raise
-            self._answer(conn)  # ours again: so our old session has ended
+            answers = self._ask(conn)  # ours again: so our old session has ended
             self._still_ours(conn)
         except BaseException:
             conn.close()
             raise
-        with self._conn_lock:
+        with self._conn_lock, self._changed:  # at once: a writer told its answer goes on writing
             if self._closing:
                 conn.close()
                 return
             self._install(conn)
+            self._answered(answers)
         log.warning("database %s: connection back after %.1fs; writing again", self.label,
                     time.monotonic() - self._down_since)
 
-    def _answer(self, conn: psycopg.Connection) -> None:
-        """Ask PostgreSQL about the commits whose reply was lost: waiting writers get the answer,
-        those already reported unknown are logged (memory may lack a write that did commit)."""
+    def _ask(self, conn: psycopg.Connection) -> dict[str, str]:
+        """Ask PostgreSQL about the commits whose reply was lost: {xid: committed or aborted}."""
         with self._changed:
             asked = [xid for xid, status in self._pending.items() if status is None] + self._unknown
-        if not asked:
-            return
-        answers = {}
+        answers: dict[str, str] = {}
         for xid in asked:
             try:
                 status = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
@@ -864,6 +868,13 @@ class PostgresStore:
                 continue
             if status in ("committed", "aborted"):
                 answers[xid] = status
+        return answers
+
+    def _answered(self, answers: dict[str, str]) -> None:
+        """Waiting writers get their answer; a commit already reported unknown is logged if it
+        did happen (memory lacks its writes)."""
+        if not answers:
+            return
         with self._changed:
             for xid, status in answers.items():
                 if xid in self._pending:
