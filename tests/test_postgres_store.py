@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,17 @@ async def test_every_write_kind_as_sqlite_does(pg_dsn: str, tmp_path: Path) -> N
         await asyncio.to_thread(sqlite.close)
 
 
-async def test_read_history_filters_as_sqlite(pg_dsn: str, tmp_path: Path) -> None:
+@pytest.fixture
+def icu_dsn(pg_sandbox: Sandbox) -> Iterator[str]:
+    """A fresh database whose default collation is ICU's, not byte order (as a real one would be)."""
+    name = f"icu_{uuid.uuid4().hex[:12]}"
+    pg_sandbox.psql(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und'")
+    yield pg_sandbox.dsn(name)
+    pg_sandbox.drop_database(name)
+
+
+async def test_read_history_filters_as_sqlite(icu_dsn: str, tmp_path: Path) -> None:
+    """Text compares as bytes, as in SQLite, whatever the database's collation ('Z' < 'a')."""
     rows = []
     for i in range(60):
         ts = f"2026-11-{1 + i % 28:02d}T{i % 24:02d}:00:00.{i:03d}Z"
@@ -293,14 +304,14 @@ async def test_read_history_filters_as_sqlite(pg_dsn: str, tmp_path: Path) -> No
     sqlite = SQLiteStore(str(tmp_path / "vms.db"))
     sqlite.start(asyncio.get_running_loop())
     try:
-        async with running(pg_dsn) as pg:
+        async with running(icu_dsn) as pg:
             for store in (sqlite, pg):
                 await write(store, "history", None, tuple(rows))
             cases = 0
             for vm_id in (None, "vm1", "nobody"):
                 for event in (None, "vm_connected", "auth_failed"):
                     for since in (None, "2026-11-10T00:00:00.000Z", "2026-11-10", "2026-11-28T00:00:00.000Z",
-                                  "2026-11-0", "2027"):
+                                  "2026-11-0", "2027", "2026-11-11T10:00:00.010z", "2026-11-11T10:00:00.010_"):
                         for before in (None, 40, 1):
                             for limit in (1, 7, 100):
                                 expected = await sqlite.read_history(vm_id, event, since, before, limit)

@@ -355,7 +355,7 @@ class PostgresStore:
         self._closing = False
         self._closed = False
 
-        conn = self._open_primary()
+        conn = self.connect("primary")
         try:
             self._check_version(conn, self._version(conn))
             self._take_lock(conn, starting=True)
@@ -376,9 +376,7 @@ class PostgresStore:
 
     def _reason(self, exc: BaseException) -> str:
         """The driver's first line, never a password."""
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        for prefix in ("connection failed: ",):
-            text = text.removeprefix(prefix)
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].removeprefix("connection failed: ")
         text = re.sub(r'^connection to server at "[^"]*"(?: \([^)]*\))?, port \d+ failed: ', "", text)
         text = text.removeprefix("FATAL:").strip()
         for secret in self._secrets:
@@ -405,9 +403,6 @@ class PostgresStore:
             conn.close()
             raise StorageError(f"cannot use database {self.label}: {self._reason(exc)}") from None
         return conn
-
-    def _open_primary(self) -> psycopg.Connection:
-        return self.connect("primary")
 
     def _install(self, conn: psycopg.Connection) -> None:
         with self._changed:
@@ -833,7 +828,7 @@ class PostgresStore:
         """A new primary: connect, re-take the lock, answer the lost commits, check nobody held
         the database meanwhile. :raises _Fatal: somebody did. :raises psycopg.Error, StorageError:
         not yet (try again)."""
-        conn = self._open_primary()
+        conn = self.connect("primary")
         try:
             try:
                 self._take_lock(conn, starting=False)
