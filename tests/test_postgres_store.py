@@ -529,6 +529,7 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.paused = False
+        self.hung = False  # connections stay open but nothing goes through (a stopped server)
         self.on_commit: str | None = None  # "forward" or "drop", once
         self.pause_on_commit = False
         self.cut = threading.Event()
@@ -579,6 +580,8 @@ class Proxy:
                     _shut(src)
                     self.cut.set()
                     return
+                if self.hung:
+                    continue  # swallowed: the peer waits for an answer that never comes
                 if not pair[2]:
                     dst.sendall(data)
         except OSError:
@@ -692,6 +695,24 @@ async def test_its_own_session_left_behind_by_a_partition_is_ended(pg_sandbox: S
         assert pg_sandbox.psql("SELECT pid FROM pg_locks WHERE locktype = 'advisory'", db=dbname(pg_dsn)).split() == \
             [str(store._conn.info.backend_pid)]
     assert fatal == []
+
+
+async def test_a_write_with_no_answer_is_cut_off(pg_sandbox: Sandbox, pg_dsn: str, proxy: Proxy) -> None:
+    """PostgreSQL hangs (its host answers keepalives, its timeouts do not run): the batch fails
+    after the deadline, the writes behind it fail at once, and the store comes back once it does."""
+    async with running(proxy.dsn(pg_dsn)) as store:
+        store.batch_deadline = 0.5
+        await write(store, "add a", add("a"))
+        proxy.hung = True
+        stuck = store.submit("add b", add("b"))
+        behind = [store.submit(f"add q{n}", add(f"q{n}")) for n in range(5)]
+        with pytest.raises(StorageError, match="the connection was lost .*nothing was written"):
+            await asyncio.wait_for(stuck, WAIT)
+        results = await asyncio.wait_for(asyncio.gather(*behind, return_exceptions=True), WAIT)
+        assert all(isinstance(r, StorageError) for r in results)
+        proxy.hung = False
+        await eventually_writes(store, "c")
+    assert vm_names(pg_sandbox, pg_dsn)[:1] == ["a"] and "b" not in vm_names(pg_sandbox, pg_dsn)
 
 
 async def test_another_server_that_came_and_went_meanwhile_stops_writing(pg_sandbox: Sandbox, pg_dsn: str,

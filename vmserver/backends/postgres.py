@@ -48,12 +48,14 @@ def mask_dsn(dsn: str) -> str:
 
 
 import asyncio  # noqa: E402  (mask_dsn above needs none of this)
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 import select  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -83,11 +85,12 @@ MIGRATE_KEY = _key("vmserver migrate")  # held by the transaction that creates o
 
 PING_INTERVAL = 1.0  # an idle primary is pinged this often: losing it is losing the lock
 PING_TIMEOUT = 2.0  # a ping unanswered this long is a lost connection (a hung peer answers keepalives)
+BATCH_DEADLINE = 15.0  # a batch unanswered this long is cut off (PostgreSQL's own timeouts are shorter)
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0  # reconnect attempts, doubling in between
 RESOLVE_WAIT = 5.0  # how long a commit whose reply was lost waits for the reconnect that answers it
 READERS = 4  # history reads running at once; more wait their turn (never in the writer's queue)
 LOCK_TIMEOUT_MS = 5000  # a write waiting on a row lock (someone's psql session) fails after this
-STATEMENT_TIMEOUT_MS = 60_000
+STATEMENT_TIMEOUT_MS = 10_000
 
 # --- the schema -------------------------------------------------------------------------------
 # Version 1 is SQLite's version 3 in PostgreSQL's words, so that both answer byte-identical
@@ -338,6 +341,7 @@ class PostgresStore:
         self._token = secrets.token_hex(16)  # this server's, in vmserver_owner while it holds the lock
         self.on_fatal: Callable[[str], Any] | None = None  # set by the owner before start(); called on the loop
         self.resolve_wait = RESOLVE_WAIT
+        self.batch_deadline = BATCH_DEADLINE
         self._loop: asyncio.AbstractEventLoop | None = None
         # The primary: used by whoever holds _conn_lock (the writer, the watchdog, load/snapshot).
         self._conn_lock = threading.Lock()
@@ -348,6 +352,8 @@ class PostgresStore:
         self._down_reason = ""
         self._fatal_line = ""
         self._last_ok = time.monotonic()  # the primary's last answer; the watchdog pings after PING_INTERVAL
+        self._busy_since: float | None = None  # when the batch under way started
+        self._cut_lock = threading.Lock()  # the primary's socket is closed, or cut by the watchdog, under it
         self._changed = threading.Condition()  # state changes and answered commits
         self._pending: dict[str, str | None] = {}  # xid -> pg_xact_status, for commits whose reply was lost
         self._unknown: list[str] = []  # xids answered "unknown": checked (and logged) after the next reconnect
@@ -620,6 +626,7 @@ class PostgresStore:
                 conn, state = self._conn, self._state
                 if state != _UP or conn is None:  # fail at once: waiting would hold up every session
                     return self._refused(jobs)
+                self._busy_since = time.monotonic()
                 try:
                     outcomes = self._batch(conn, jobs)
                     self._last_ok = time.monotonic()
@@ -630,6 +637,9 @@ class PostgresStore:
                 except Exception:
                     self._rollback_quietly(conn)  # a bug midway: its half must not commit with the next batch
                     raise
+                finally:
+                    with self._cut_lock:
+                        self._busy_since = None
             if lost.xid is None:  # it died before the COMMIT was sent: the transaction died with it
                 return [(None, StorageError(f"database {self.label}: {what} failed: the connection was lost "
                                             f"({lost.reason}); nothing was written")) for what, _, _ in jobs]
@@ -769,9 +779,10 @@ class PostgresStore:
     def _drop(self, reason: str, xid: str | None = None) -> None:
         """The primary is lost (the caller holds _conn_lock): close it, refuse writes, wake the
         watchdog, which will ask about ``xid`` (a commit whose reply was lost) once reconnected."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        with self._cut_lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
         with self._changed:
             if xid is not None:
                 self._pending[xid] = None
@@ -787,6 +798,7 @@ class PostgresStore:
             if self._state == _UP:
                 self._wake.wait(PING_INTERVAL)
                 self._wake.clear()
+                self._check_deadline()
                 if self._state == _UP and not self._closing and time.monotonic() - self._last_ok >= PING_INTERVAL:
                     self._ping()
                 continue
@@ -806,6 +818,20 @@ class PostgresStore:
                 log.exception("database %s: reconnecting", self.label)
                 self._wake.wait(BACKOFF_MAX)
                 self._wake.clear()
+
+    def _check_deadline(self) -> None:
+        """A batch with no answer for ``batch_deadline`` (a hung or stopped PostgreSQL answers
+        keepalives, and its own timeouts do not run): cut its socket, so that it fails and the
+        writes after it fail at once instead of piling up behind it."""
+        with self._cut_lock:
+            since, conn = self._busy_since, self._conn
+            if since is None or conn is None or time.monotonic() - since < self.batch_deadline:
+                return
+            self._busy_since = None  # once
+            log.error("database %s: no answer to a write for %.0fs; cutting the connection", self.label,
+                      time.monotonic() - since)
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)  # the writer's wait ends: "server closed the connection"
 
     def _ping(self) -> None:
         if not self._conn_lock.acquire(blocking=False):
