@@ -13,11 +13,13 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 import vmclient
+from vmserver.backends.pg_sandbox import Sandbox, find_bin_dir
 from vmserver.config import Config
 from vmserver.server import Server, start_server
 
@@ -375,3 +378,42 @@ def limited(tmp_path) -> Iterator[Callable[..., LimitedServer]]:
     yield factory
     for srv in started:
         srv.kill()
+
+
+# --- a throwaway PostgreSQL (the PostgreSQL backend's tests) -------------------------------
+
+
+def need_postgres() -> None:
+    """Skip without PostgreSQL's programs, or fail when VMSERVER_TEST_POSTGRES=required (CI)."""
+    if find_bin_dir() is None:
+        message = "PostgreSQL tests need PostgreSQL's binaries: apt-get install postgresql"
+        if os.environ.get("VMSERVER_TEST_POSTGRES") == "required":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_sandbox(tmp_path_factory) -> Iterator[Sandbox]:
+    """One PostgreSQL for the whole session (fsync off: it is thrown away); stopped at the end."""
+    need_postgres()
+    with Sandbox(tmp_path_factory.mktemp("pg"), durable=False) as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_dsn(pg_sandbox: Sandbox) -> Iterator[str]:
+    """The DSN of a fresh, empty database on ``pg_sandbox``, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    dsn = pg_sandbox.create_database(name)
+    yield dsn
+    pg_sandbox.drop_database(name)
+
+
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[Sandbox]:
+    """A private PostgreSQL for one test that restarts or kills it (the shared one stays up)."""
+    need_postgres()
+    root = tmp_path / "own-pg"
+    with Sandbox(root, durable=False) as pg:
+        yield pg
+    shutil.rmtree(root, ignore_errors=True)  # ~40 MB a cluster: pytest keeps three runs' tmp

@@ -130,15 +130,15 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     return state, int(fields[1]), int(fields[2])
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid``."""
-    members = []
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             stat = _proc_stat(int(entry))
-            if stat is not None and stat[2] == pgid:
-                members.append(int(entry))
-    return members
+            if stat is not None and stat[1] == pid:
+                found.append(int(entry))
+    return found
 
 
 def _quote_ident(name: str) -> str:
@@ -216,13 +216,21 @@ class Sandbox:
 
     @property
     def pid(self) -> int | None:
-        """The postmaster's pid while it runs (from postmaster.pid), else None."""
+        """The postmaster's pid while it runs (from postmaster.pid), else None.
+
+        A live process of that pid is the postmaster only if it works in the data directory (it
+        chdirs there): after a reboot a kept postmaster.pid may name somebody else's process.
+        """
         try:
-            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
-            pid = int(first)
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        return pid if _proc_stat(pid) is not None else None
+        if _proc_stat(pid) is None:
+            return None
+        try:
+            return pid if os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(self.data_dir) else None
+        except OSError:
+            return None  # gone since, or not ours to look at: not our server either way
 
     @property
     def running(self) -> bool:
@@ -334,6 +342,10 @@ class Sandbox:
         self.data_dir = Path(os.path.realpath(self.root / "data"))
         if self.socket_dir is None or not self.socket_dir.is_dir():
             self.socket_dir = self._temp_dir()
+        # No server works in the data directory (running said so): a postmaster.pid left there
+        # (a reboot, a kill) is stale, and PostgreSQL would refuse to start while its pid lives.
+        with contextlib.suppress(FileNotFoundError):
+            (self.data_dir / "postmaster.pid").unlink()
         for attempt in range(5):
             self._write_settings()
             taken = self._start_once()
@@ -392,21 +404,19 @@ class Sandbox:
         pid = self.pid
         if pid is None:
             return
-        try:
-            if os.getpgid(pid) == pid:  # pg_ctl starts the server as a session leader
-                os.killpg(pid, signal.SIGKILL)
-            else:  # started some other way: the postmaster and its children
-                children = [int(p) for p in os.listdir("/proc")
-                            if p.isdigit() and (_proc_stat(int(p)) or ("", 0, 0))[1] == pid]
-                for victim in (pid, *children):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)  # no new children while we look for them
+        # Each child leads its own process group (the postmaster signals a child's group): the
+        # group takes the child's own children (an archive command…) with it.
+        children = _children(pid)
+        for victim in (pid, *children):
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _proc_stat(pid) is not None or _group_members(pid):
+        while any(_proc_stat(p) is not None for p in (pid, *children)):
             if time.monotonic() > deadline:
-                raise SandboxError(f"PostgreSQL's processes (group {pid}) outlived SIGKILL for 10 s")
+                raise SandboxError(f"PostgreSQL's processes (postmaster {pid}) outlived SIGKILL for 10 s")
             time.sleep(0.01)
         locks = [self.data_dir / "postmaster.pid"]
         if self.socket_dir is not None:
