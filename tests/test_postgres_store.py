@@ -464,7 +464,7 @@ async def test_an_idle_store_notices_its_connection_die_and_reconnects(pg_sandbo
         await write(store, "add a", add("a"))  # first time: no write had to fail to find out
 
 
-async def test_postgresql_stopped_and_restarted_under_it(own_pg: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+async def test_postgresql_stopped_restarted_and_killed_under_it(own_pg: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     dsn = with_password(own_pg.create_database("inv"))
     async with running(dsn) as store:
@@ -482,7 +482,12 @@ async def test_postgresql_stopped_and_restarted_under_it(own_pg: Sandbox, caplog
         await asyncio.to_thread(own_pg.restart, "fast")
         failures, again = await eventually_writes(store, "again")
         assert await write(store, "update a", UpdateVM(a[0], 1, 1, (), (), (("a1", 1),))) != []
-    assert vm_names(own_pg, dsn) == ["a", committed, again]
+        acknowledged = [await write(store, f"add k{n}", add(f"k{n}")) for n in range(5)]
+        await asyncio.to_thread(own_pg.kill)  # a crash: every acknowledged write is still there after it
+        await asyncio.to_thread(own_pg.start)
+        failures, crashed = await eventually_writes(store, "crashed")
+        assert [v.id for v in store.load()[0]][-6:-1] == [k[0] for k in acknowledged]
+    assert vm_names(own_pg, dsn) == ["a", committed, again, *[f"k{n}" for n in range(5)], crashed]
     assert_no_secret(caplog.text)
 
 

@@ -5,13 +5,18 @@ One connection, the *primary*, writes (driven by the group-committing writer thr
 the one-server lock, a session advisory lock. Holding the lock on the very session that
 commits is the fence: PostgreSQL releases a session's lock only when the session has ended,
 after its last commit, so no write of ours can land after another server took over, and a
-server that sees the lock free also sees every write we made. A watchdog thread pings the
-primary while it is idle, reconnects with backoff when it is lost (re-taking the lock, and
-answering a commit whose reply was lost from ``pg_xact_status``), and gives up for good,
-calling ``on_fatal``, when another server held the database meanwhile. While the primary is
-down every write fails at once (``internal``, nothing written). A few reader connections
-serve get_history beside it. Any ``psycopg.Error`` becomes a StorageError naming the database
-with its password masked, a unique violation the protocol's already_exists or conflict.
+server that sees the lock free also sees every write we made. A batch is one pipeline (one
+round trip) and one COMMIT; every transaction is spelt out (connections are in autocommit).
+
+A watchdog thread pings the primary while it is idle and cuts a batch that gets no answer, so
+a dead or hung PostgreSQL is noticed within seconds; it reconnects with backoff, re-takes the
+lock, answers a commit whose reply was lost from ``pg_xact_status``, and gives up for good,
+calling ``on_fatal``, when another server holds the lock or held it meanwhile (the owner
+token in vmserver_owner is not ours). While the primary is down every write fails at once
+(``internal``, nothing written). A few reader connections serve get_history beside it.
+
+Any ``psycopg.Error`` becomes a StorageError naming the database with its password masked
+(never shown, never logged), a unique violation the protocol's already_exists or conflict.
 :class:`PostgresStore` is the storage port (base.Store) over all of it.
 """
 
