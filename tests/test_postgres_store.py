@@ -293,6 +293,88 @@ def icu_dsn(pg_sandbox: Sandbox) -> Iterator[str]:
     pg_sandbox.drop_database(name)
 
 
+def mixed_batch(vm1: tuple, vm2: tuple, vm3: tuple, clash: bool) -> list[tuple[str, Any, tuple]]:
+    """Runs of every kind, with the cases where running a run as one statement could differ from
+    one by one: a VM and a disk changed twice, a disk_id freed and taken again, history rows
+    before a prune (and after it), and, with ``clash``, a job that fails (a disk_id taken)."""
+    (pk1, (d1a, d1b)), (pk2, (d2a,)), (pk3, _) = vm1, vm2, vm3
+    later = "2026-11-26T21:00:00.002Z"
+    jobs = [
+        ("update 1", UpdateVM(pk1, 2048, 2, (d1a,), ((d1b, 50),), (("x", 1),)), (row("vm1", "vm_updated"),)),
+        ("update 2", UpdateVM(pk2, 512, 1, (), ((d2a, 7),), (("d1a", 3),)), (row("vm2", "vm_updated"),)),
+        ("update 1 again", UpdateVM(pk1, 4096, 8, (), ((d1b, 60),), ()), (row("vm1", "vm_updated"),)),
+        ("rows", None, (row("vm2", "vm_connected"), row("vm2", "auth_failed", reason="login", count=2))),
+        ("connected", SetLastConnected(pk2, "2026-11-27T00:00:00.000Z"), ()),
+        ("connected again", SetLastConnected(pk2, "2026-11-27T00:00:01.000Z"), ()),
+        ("add 4", add("vm4", "d4a", "d4b"), (row("vm4"),)),
+        ("add 5", add("vm5"), (row("vm5"),)),
+        ("remove 3", RemoveVM(pk3), (row("vm3", "vm_removed"),)),
+        ("prune", PruneHistory("2026-11-26T21:00:00.001Z", 4), ()),
+        ("add 6", add("vm6", "d6a"), (row("vm6", ts=later),)),
+        ("prune again", PruneHistory("2026-11-26T21:00:00.001Z", 100), ()),
+        ("update 2 again", UpdateVM(pk2, 256, 1, (), (), (("d2b", 1),)), (row("vm2", "vm_updated", ts=later),)),
+    ]
+    if clash:
+        jobs.insert(3, ("update clash", UpdateVM(pk2, 1, 1, (), (), (("d1b", 1),)), (row("vm2", "vm_updated"),)))
+        jobs.insert(9, ("add clash", add("vm5"), (row("vm5"),)))
+    return jobs
+
+
+def outcome(result: Any) -> Any:
+    return (result.code, result.message) if isinstance(result, CommandError) else result
+
+
+@pytest.mark.parametrize("clash", [False, True])
+async def test_a_batch_of_every_kind_as_sqlite_one_by_one(pg_dsn: str, tmp_path: Path, clash: bool) -> None:
+    sqlite = SQLiteStore(str(tmp_path / "vms.db"))
+    sqlite.start(asyncio.get_running_loop())
+    try:
+        async with running(pg_dsn) as pg:
+            setup = []
+            for store in (sqlite, pg):
+                setup.append([await write(store, "add 1", add("vm1", "d1a", "d1b"), (row("vm1"),)),
+                              await write(store, "add 2", add("vm2", "d2a"), (row("vm2"),)),
+                              await write(store, "add 3", add("vm3", "d3a"), (row("vm3"),))])
+            assert setup[0] == setup[1]
+            jobs = mixed_batch(*setup[0], clash=clash)
+            await write(sqlite, "add first", add("first"))
+            expected = []
+            for what, job, history in jobs:  # SQLite, one write at a time: the meaning to keep
+                try:
+                    expected.append(await write(sqlite, what, job, history))
+                except CommandError as exc:
+                    expected.append(exc)
+            with vms_locked(pg_dsn) as side:
+                first = pg.submit("add first", add("first"))
+                await writer_waiting(pg_dsn)
+                batches = pg.batches
+                futures = [pg.submit(what, job, history) for what, job, history in jobs]
+                side.execute("ROLLBACK")
+            await asyncio.wait_for(first, WAIT)
+            got = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT)
+            assert pg.batches == batches + 2  # all of them in one transaction
+            mine, theirs = pg.snapshot(), sqlite.snapshot()
+            assert [h[3] for h in mine.history] == ["vm_added", "vm_updated"]  # pruned: all rows but add 6's and after
+            if not clash:
+                assert [outcome(r) for r in got] == [outcome(r) for r in expected]
+                assert mine == theirs  # ids included
+                return
+            # The batch ran twice (straight through, then job by job): the ids the first try took
+            # are skipped, everything else is the same.
+            assert [outcome(r) for r in got if isinstance(r, CommandError)] == [
+                outcome(r) for r in expected if isinstance(r, CommandError)] and len(
+                [r for r in got if isinstance(r, CommandError)]) == 2
+            assert [isinstance(r, CommandError) for r in got] == [isinstance(r, CommandError) for r in expected]
+
+            def by_name(snap: Snapshot) -> tuple:
+                names = {v[0]: v[1] for v in snap.vms}
+                return ([v[1:] for v in snap.vms], sorted((d[1], d[2], names[d[3]]) for d in snap.disks),
+                        [h[1:] for h in snap.history])
+            assert by_name(mine) == by_name(theirs)
+    finally:
+        await asyncio.to_thread(sqlite.close)
+
+
 async def test_read_history_filters_as_sqlite(icu_dsn: str, tmp_path: Path) -> None:
     """Text compares as bytes, as in SQLite, whatever the database's collation ('Z' < 'a')."""
     rows = []

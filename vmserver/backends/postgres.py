@@ -177,16 +177,21 @@ SELECT false, vm_id, id FROM vm UNION ALL SELECT true, disk_id, id FROM disk
 """
 _ADD_DISKS = """
 INSERT INTO disks (disk_id, size, vm_id)
-SELECT d.disk_id, d.size, %s FROM unnest(%s::text[], %s::integer[]) WITH ORDINALITY AS d(disk_id, size, n)
+SELECT d.disk_id, d.size, d.vm FROM unnest(%s::text[], %s::integer[], %s::bigint[]) WITH ORDINALITY AS d(disk_id, size, vm, n)
 ORDER BY d.n
 RETURNING disk_id, id
 """
 _HISTORY = ("INSERT INTO history (ts, vm_id, event, peer, reason, count) "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[])")
 
+Result = Callable[[], Any]  # reads a write's result once the pipeline has been synced
 
-def _send_add_vms(conn: psycopg.Connection, writes: Sequence[AddVM]) -> list[Callable[[], Any]]:
-    """A run of AddVMs as one statement; one result function per write."""
+
+def _none() -> None:
+    return None
+
+
+def _send_add_vms(conn: psycopg.Connection, writes: Sequence[AddVM]) -> list[Result]:
     disks = [(disk_id, size, w.vm_id) for w in writes for disk_id, size in w.disks]
     cur = conn.execute(_ADD_VMS, (
         [w.vm_id for w in writes], [w.ram for w in writes], [w.cpu for w in writes],
@@ -201,48 +206,61 @@ def _send_add_vms(conn: psycopg.Connection, writes: Sequence[AddVM]) -> list[Cal
     return [functools.partial(result, w) for w in writes]
 
 
-def _send_update_vm(conn: psycopg.Connection, w: UpdateVM) -> Callable[[], Any]:
-    # Separate statements, in SQLite's order: a disk removed and added again under the same
-    # disk_id needs the DELETE done before the INSERT (one statement's parts run unordered).
-    conn.execute("UPDATE vms SET ram = %s, cpu = %s WHERE id = %s", (w.ram, w.cpu, w.vm_pk))
-    if w.remove:
-        conn.execute("DELETE FROM disks WHERE id = ANY(%s::bigint[])", (list(w.remove),))
-    if w.resize:
+def _send_update_vms(conn: psycopg.Connection, writes: Sequence[UpdateVM]) -> list[Result]:
+    """The specs, then the removals, resizes and additions of them all (SQLite's order within
+    each write: a disk_id removed and added again needs the DELETE first). A VM or a disk
+    changed twice in the run gets its last value, as one by one it would; no write can touch a
+    disk another one of the run adds (it has no id yet)."""
+    specs = {w.vm_pk: (w.ram, w.cpu) for w in writes}  # the last one wins
+    conn.execute("UPDATE vms SET ram = u.ram, cpu = u.cpu FROM unnest(%s::bigint[], %s::integer[], %s::integer[]) "
+                 "AS u(id, ram, cpu) WHERE vms.id = u.id",
+                 (list(specs), [ram for ram, _ in specs.values()], [cpu for _, cpu in specs.values()]))
+    removed = [pk for w in writes for pk in w.remove]
+    if removed:
+        conn.execute("DELETE FROM disks WHERE id = ANY(%s::bigint[])", (removed,))
+    sizes = {pk: size for w in writes for pk, size in w.resize}
+    if sizes:
         conn.execute("UPDATE disks SET size = r.size FROM unnest(%s::bigint[], %s::integer[]) AS r(id, size) "
-                     "WHERE disks.id = r.id", ([pk for pk, _ in w.resize], [size for _, size in w.resize]))
-    if not w.add:
-        return lambda: []
-    cur = conn.execute(_ADD_DISKS, (w.vm_pk, [d for d, _ in w.add], [s for _, s in w.add]))
+                     "WHERE disks.id = r.id", (list(sizes), list(sizes.values())))
+    added = [(disk_id, size, w.vm_pk) for w in writes for disk_id, size in w.add]
+    if not added:
+        return [lambda: [] for _ in writes]
+    cur = conn.execute(_ADD_DISKS, ([d[0] for d in added], [d[1] for d in added], [d[2] for d in added]))
+    ids: dict[str, int] = {}
 
-    def result() -> list[int]:
-        ids = dict(cur.fetchall())
+    def result(w: UpdateVM) -> list[int]:
+        if not ids:
+            ids.update(cur.fetchall())
         return [ids[disk_id] for disk_id, _ in w.add]
-    return result
+    return [functools.partial(result, w) for w in writes]
 
 
-def _send_remove_vm(conn: psycopg.Connection, w: RemoveVM) -> Callable[[], Any]:
-    conn.execute("DELETE FROM vms WHERE id = %s", (w.vm_pk,))  # its disks go with it (ON DELETE CASCADE)
-    return lambda: None
+def _send_remove_vms(conn: psycopg.Connection, writes: Sequence[RemoveVM]) -> list[Result]:
+    # Their disks go with them (ON DELETE CASCADE).
+    conn.execute("DELETE FROM vms WHERE id = ANY(%s::bigint[])", ([w.vm_pk for w in writes],))
+    return [_none for _ in writes]
 
 
-def _send_set_last_connected(conn: psycopg.Connection, w: SetLastConnected) -> Callable[[], Any]:
-    conn.execute("UPDATE vms SET last_connected = %s WHERE id = %s", (w.when, w.vm_pk))
-    return lambda: None
+def _send_set_last_connected(conn: psycopg.Connection, writes: Sequence[SetLastConnected]) -> list[Result]:
+    when = {w.vm_pk: w.when for w in writes}  # the last one wins
+    conn.execute("UPDATE vms SET last_connected = c.at FROM unnest(%s::bigint[], %s::text[]) AS c(id, at) "
+                 "WHERE vms.id = c.id", (list(when), list(when.values())))
+    return [_none for _ in writes]
 
 
-def _send_prune_history(conn: psycopg.Connection, w: PruneHistory) -> Callable[[], Any]:
+def _send_prune_history(conn: psycopg.Connection, w: PruneHistory) -> Result:
     """A bounded batch (see sqlite.prune_history): many short transactions, never one long one."""
     cur = conn.execute("DELETE FROM history WHERE id IN (SELECT id FROM history WHERE ts < %s ORDER BY ts LIMIT %s)",
                        (w.before, w.limit))
     return lambda: cur.rowcount
 
 
-_SENDERS: dict[type, Callable[[psycopg.Connection, Any], Callable[[], Any]]] = {
-    AddVM: lambda conn, w: _send_add_vms(conn, (w,))[0],
-    UpdateVM: _send_update_vm,
-    RemoveVM: _send_remove_vm,
+# Each sends a run of writes of its kind, in as few statements as keep their meaning.
+_RUNS: dict[type, Callable[[psycopg.Connection, Any], list[Result]]] = {
+    AddVM: _send_add_vms,
+    UpdateVM: _send_update_vms,
+    RemoveVM: _send_remove_vms,
     SetLastConnected: _send_set_last_connected,
-    PruneHistory: _send_prune_history,
 }
 
 
@@ -252,34 +270,45 @@ def _send_history(conn: psycopg.Connection, rows: Sequence[HistoryRow]) -> None:
         conn.execute(_HISTORY, [list(column) for column in zip(*rows)])
 
 
-def _send(conn: psycopg.Connection, write: Write, history: Sequence[HistoryRow]) -> Callable[[], Any]:
+def _send(conn: psycopg.Connection, write: Write, history: Sequence[HistoryRow]) -> Result:
     """One job: its write, then its history rows."""
-    result = (lambda: None) if write is None else _SENDERS[type(write)](conn, write)
+    if write is None:
+        result: Result = _none
+    elif isinstance(write, PruneHistory):
+        result = _send_prune_history(conn, write)
+    else:
+        result = _RUNS[type(write)](conn, [write])[0]
     _send_history(conn, history)
     return result
 
 
-def _send_all(conn: psycopg.Connection, jobs: Sequence[Job]) -> list[Callable[[], Any]]:
-    """Every job of a batch, in order, in as few statements as keep their meaning: a run of
-    AddVMs is one statement, and the history rows of them all one more at the end (those of the
-    jobs before a PruneHistory before it, so that it sees them as one by one it would)."""
-    results: list[Callable[[], Any]] = []
+def _send_all(conn: psycopg.Connection, jobs: Sequence[Job]) -> list[Result]:
+    """Every job of a batch, in order, in as few statements as keep their meaning: consecutive
+    writes of one kind as one run (a write that is only history rows does not end a run), and
+    the history rows of them all in one more statement at the end (those of the jobs before a
+    PruneHistory before it, so that it sees them as one by one it would)."""
+    results: list[Result] = [_none] * len(jobs)
     history: list[HistoryRow] = []
-    adds: list[AddVM] = []
-    for _, write, rows in jobs:
-        if isinstance(write, AddVM):
-            adds.append(write)
-        else:
-            if adds:
-                results.extend(_send_add_vms(conn, adds))
-                adds = []
-            if isinstance(write, PruneHistory):
-                _send_history(conn, history)
-                history = []
-            results.append(_send(conn, write, ()))
+    run: list[tuple[int, Any]] = []  # (job index, write), all of one kind
+
+    def flush() -> None:
+        if run:
+            for (i, _), result in zip(run, _RUNS[type(run[0][1])](conn, [w for _, w in run])):
+                results[i] = result
+            run.clear()
+
+    for i, (_, write, rows) in enumerate(jobs):
+        if isinstance(write, PruneHistory):
+            flush()
+            _send_history(conn, history)
+            history = []
+            results[i] = _send_prune_history(conn, write)
+        elif write is not None:
+            if run and type(run[0][1]) is not type(write):
+                flush()
+            run.append((i, write))
         history.extend(rows)
-    if adds:
-        results.extend(_send_add_vms(conn, adds))
+    flush()
     _send_history(conn, history)
     return results
 
