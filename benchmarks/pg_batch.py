@@ -3,8 +3,9 @@
     python -m benchmarks.pg_batch postgresql://user@127.0.0.1:5432/db [--batch 50] [--rounds 40]
 
 The database must be empty (or not yet have our schema). Times, per write:
-- ours: batches of ``--batch`` AddVM (2 disks each) plus a vm_added history row, each batch run
-  by PostgresStore's writer function in one transaction (the part of a write the database costs);
+- ours: batches of ``--batch`` AddVM (2 disks each) plus a vm_added history row, then as many
+  UpdateVM (ram changed, a disk resized) plus a row, each batch run by PostgresStore's writer
+  function in one transaction (the part of a write the database costs);
 - floor: ``--batch`` threads on their own connections, each inserting one row per transaction
   (autocommit), the shape a server without group commit would have.
 Not part of ``make bench``: it needs a PostgreSQL server.
@@ -19,25 +20,37 @@ import time
 
 import psycopg
 
-from vmserver.backends.base import AddVM
+from vmserver.backends.base import AddVM, UpdateVM
 from vmserver.backends.postgres import PostgresStore
 
 
-def ours(dsn: str, batch: int, rounds: int) -> list[float]:
+def _timed(store: PostgresStore, jobs: list) -> tuple[float, list]:
+    start = time.perf_counter()
+    outcomes = store._execute(jobs)
+    elapsed = (time.perf_counter() - start) / len(jobs) * 1e6
+    assert all(error is None for _, error in outcomes), outcomes[:3]
+    return elapsed, [result for result, _ in outcomes]
+
+
+def ours(dsn: str, batch: int, rounds: int) -> tuple[list[float], list[float]]:
+    """µs a write of add_vm batches, then of update_vm batches (ram changed, a disk resized)."""
+    ts = "2026-11-26T21:00:00.000Z"
     store = PostgresStore(dsn)
     try:
-        per_write = []
+        adds, updates, vms = [], [], []
         for r in range(rounds):
-            jobs = [(f"add vm r{r}v{i}",
-                     AddVM(f"r{r}v{i}", 1024, 2, None, ((f"r{r}v{i}d0", 10), (f"r{r}v{i}d1", 20)),
-                           "2026-11-26T21:00:00.000Z", None),
-                     [("2026-11-26T21:00:00.000Z", f"r{r}v{i}", "vm_added", "127.0.0.1:5000", None, None)])
-                    for i in range(batch)]
-            start = time.perf_counter()
-            outcomes = store._execute(jobs)
-            per_write.append((time.perf_counter() - start) / batch * 1e6)
-            assert all(error is None for _, error in outcomes), outcomes[:3]
-        return per_write
+            elapsed, results = _timed(store, [
+                (f"add vm r{r}v{i}", AddVM(f"r{r}v{i}", 1024, 2, None, ((f"r{r}v{i}d0", 10), (f"r{r}v{i}d1", 20)),
+                                           ts, None),
+                 [(ts, f"r{r}v{i}", "vm_added", "127.0.0.1:5000", None, None)]) for i in range(batch)])
+            adds.append(elapsed)
+            vms = results
+        for r in range(rounds):
+            elapsed, _ = _timed(store, [
+                (f"update vm {pk}", UpdateVM(pk, 2048 + r, 2, (), ((disks[0], 11 + r),), ()),
+                 [(ts, f"vm{pk}", "vm_updated", "127.0.0.1:5000", None, None)]) for pk, disks in vms])
+            updates.append(elapsed)
+        return adds, updates
     finally:
         store.close()
 
@@ -76,9 +89,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
-    for name, fn in (("ours: one batch, one transaction", ours), ("floor: one row per transaction", floor)):
-        times = fn(args.dsn, args.batch, args.rounds)[args.rounds // 4:]  # the first ones warm up
-        print(f"{name:36} median {statistics.median(times):7.1f} µs/write, best {min(times):7.1f}")
+    adds, updates = ours(args.dsn, args.batch, args.rounds)
+    figures = (("ours: add_vm batch, one transaction", adds), ("ours: update_vm batch, one transaction", updates),
+               ("floor: one row per transaction", floor(args.dsn, args.batch, args.rounds)))
+    for name, times in figures:
+        times = times[args.rounds // 4:]  # the first ones warm up
+        print(f"{name:40} median {statistics.median(times):7.1f} µs/write, best {min(times):7.1f}")
 
 
 if __name__ == "__main__":
