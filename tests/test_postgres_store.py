@@ -536,6 +536,43 @@ async def test_killed_connections_fail_writes_then_come_back_by_themselves(
     assert "connection back after" in caplog.text
 
 
+async def test_writes_under_repeated_kills_are_answered_truthfully(pg_sandbox: Sandbox, pg_dsn: str) -> None:
+    """Writers keep writing while the store's sessions are killed again and again: every write
+    acknowledged is in the database, every one refused is not (none is left unknown here:
+    PostgreSQL stays up to answer)."""
+    db = dbname(pg_dsn)
+    acked: list[str] = []
+    refused: list[str] = []
+    async with running(pg_dsn) as store:
+        stop = time.monotonic() + 3.0
+
+        async def writer(w: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                name = f"w{w}n{n}"
+                try:
+                    await write(store, f"add {name}", add(name, f"{name}d"), (row(name),))
+                    acked.append(name)
+                except CommandError as exc:
+                    assert exc.code is ErrorCode.INTERNAL and "unknown" not in exc.message, exc
+                    refused.append(name)
+                    await asyncio.sleep(0.01)
+
+        async def killer() -> None:
+            while time.monotonic() < stop:
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(pg_sandbox.terminate, db)
+
+        await asyncio.gather(killer(), *(writer(w) for w in range(8)))
+        await eventually_writes(store, "last")
+    stored = set(vm_names(pg_sandbox, pg_dsn))
+    assert acked and refused
+    assert set(acked) <= stored and not stored & set(refused)
+    history = set(pg_sandbox.psql("SELECT vm_id FROM history", db=db).split())
+    assert set(acked) <= history and not history & set(refused)
+
+
 async def test_an_idle_store_notices_its_connection_die_and_reconnects(pg_sandbox: Sandbox, pg_dsn: str) -> None:
     async with running(pg_dsn) as store:
         old = store._conn.info.backend_pid

@@ -96,6 +96,7 @@ RESOLVE_WAIT = 5.0  # how long a commit whose reply was lost waits for the recon
 READERS = 4  # history reads running at once; more wait their turn (never in the writer's queue)
 LOCK_TIMEOUT_MS = 5000  # a write waiting on a row lock (someone's psql session) fails after this
 STATEMENT_TIMEOUT_MS = 10_000
+MIN_SERVER_VERSION = 130000
 
 # --- the schema -------------------------------------------------------------------------------
 # Version 1 is SQLite's version 3 in PostgreSQL's words, so that both answer byte-identical
@@ -397,6 +398,9 @@ class PostgresStore:
 
         conn = self.connect("primary")
         try:
+            if conn.info.server_version < MIN_SERVER_VERSION:  # pg_current_xact_id(), pg_xact_status()
+                raise StorageError(f"cannot use database {self.label}: PostgreSQL {conn.info.server_version // 10000} "
+                                   f"is too old, vmserver needs {MIN_SERVER_VERSION // 10000} or newer")
             self._check_version(conn, self._version(conn))
             self._take_lock(conn, starting=True)
             self._migrate(conn)
