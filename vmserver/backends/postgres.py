@@ -806,7 +806,7 @@ class PostgresStore:
                                         f"the commit ({lost.reason}), which did not happen; nothing was written"))
                     for what, _, _ in jobs]
         log.error("database %s: the connection was lost during a commit of %d writes (transaction %s) and "
-                  "PostgreSQL could not be asked within %.0fs whether it happened; they are reported failed",
+                  "PostgreSQL could not be asked within %gs whether it happened; they are reported failed",
                   self.label, len(jobs), lost.xid, self.resolve_wait)
         return [(None, StorageError(f"database {self.label}: {what} failed: the connection was lost during the "
                                     f"commit ({lost.reason}); whether it was written is unknown"))
