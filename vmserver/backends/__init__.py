@@ -4,7 +4,6 @@ embedded default) and PostgreSQL (an optional extra, imported only when a DSN as
 from __future__ import annotations
 
 import re
-import urllib.parse
 
 from ..errors import StorageError
 from .base import Store
@@ -19,24 +18,32 @@ def is_postgres(db: str) -> bool:
     return _DSN.match(db) is not None
 
 
-def mask_dsn(db: str) -> str:
-    """``db`` as logs and messages may show it: a DSN's password (in the user part or as a
-    ``password=`` parameter) replaced by ``***``; an SQLite path as it is."""
-    if not is_postgres(db):
-        return db
-    try:
-        parts = urllib.parse.urlsplit(db)
-    except ValueError:
-        return db.split(":", 1)[0] + "://***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = "&".join("password=***" if item.lower().startswith("password=") else item
-                     for item in parts.query.split("&")) if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+_URL_PASSWORD = re.compile(r"(?i)\A(postgres(?:ql)?://)([^@?#]*@)")
+_PARAM_PASSWORD = re.compile(r"(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)")
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN as messages may show it: every password replaced by ``***``.
+
+    ``postgresql://user:pw@host:5432/db?password=pw`` becomes
+    ``postgresql://user:***@host:5432/db?password=***``; key=value strings get the same.
+    The user part ends at the last ``@`` before the query, so a password that holds an
+    unescaped ``@`` or ``/`` is masked whole (an over-masked DSN is harmless, a leaked
+    password is not).
+    """
+    end = len(dsn)
+    for stop in "?#":
+        found = dsn.find(stop)
+        if found >= 0:
+            end = min(end, found)
+    match = _URL_PASSWORD.match(dsn)
+    if match is not None:
+        scheme = match.group(1)
+        at = dsn.rfind("@", 0, end)
+        userinfo = dsn[len(scheme):at]
+        if ":" in userinfo:
+            dsn = f"{scheme}{userinfo.split(':', 1)[0]}:***{dsn[at:]}"
+    return _PARAM_PASSWORD.sub(r"\1***", dsn)
 
 
 def open_store(db: str, busy_timeout_ms: int = 5000, max_batch: int = DEFAULT_MAX_BATCH) -> Store:

@@ -114,7 +114,12 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.append(job)
-            outcomes = self._execute([job.job for job in batch])
+            try:
+                outcomes = self._execute([job.job for job in batch])
+            except Exception as exc:  # a bug in a backend must fail its batch, not strand every waiter
+                log.exception("database %s: a batch of %d writes failed", self.label, len(batch))
+                failure = StorageError(f"database {self.label}: {exc}")
+                outcomes = [(None, failure) for _ in batch]
             self.batches += 1
             self.writes += len(batch)
             self._done.append((batch, outcomes))

@@ -607,8 +607,10 @@ class SQLiteStore:
 
     def restore(self, snapshot: Snapshot) -> None:
         def write(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT EXISTS (SELECT 1 FROM vms)").fetchone()[0]:
-                raise StorageError(f"database {self.label} already holds VMs; copy only into an empty one")
+            vms, history = db.execute("SELECT EXISTS (SELECT 1 FROM vms), EXISTS (SELECT 1 FROM history)").fetchone()
+            if vms or history:  # a copy never merges: ids and history would interleave
+                raise StorageError(f"database {self.label} already holds {'VMs' if vms else 'history'}; "
+                                   "copy only into an empty one")
             db.executemany("INSERT INTO vms (id, vm_id, ram, cpu, password_hash, last_connected, created_at) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", snapshot.vms)
             db.executemany("INSERT INTO disks (id, disk_id, size, vm_id) VALUES (?, ?, ?, ?)", snapshot.disks)
