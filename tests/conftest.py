@@ -119,9 +119,47 @@ def vm_args(vm_id: str, *disk_ids: str, ram: int = 1024, cpu: int = 1) -> dict:
     return {"vm_id": vm_id, "ram": ram, "cpu": cpu, "disks": [disk(d) for d in disk_ids]}
 
 
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that uses ``db`` (or the ``server`` built on it) runs once per backend; one marked
+    ``sqlite_only`` (it reaches into the SQLite file to inject a fault) on SQLite alone."""
+    for mark in metafunc.definition.iter_markers("parametrize"):  # a test's own "db" argument
+        names = mark.args[0]
+        if "db" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return
+    if "db" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("db", ("sqlite",) if only else BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on this run's backend: an SQLite file in the test's directory
+    (the same as ``db_path``), or a new database on the suite's PostgreSQL."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_dsn")
+    return str(tmp_path / "vms.db")
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
+    """An SQLite file, for tests of the SQLite backend itself."""
     return str(tmp_path / "vms.db")
+
+
+def query(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) read straight from the database, on either backend."""
+    if db.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), params).fetchall()]
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 @contextlib.asynccontextmanager
@@ -136,8 +174,9 @@ async def running(db: str, **settings: Any) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def server(db_path: str) -> AsyncIterator[Server]:
-    async with running(db_path) as srv:
+async def server(db: str) -> AsyncIterator[Server]:
+    """An in-process server on a fresh database: each test that uses it runs on both backends."""
+    async with running(db) as srv:
         yield srv
 
 
@@ -392,6 +431,28 @@ def need_postgres() -> None:
         pytest.skip(message)
 
 
+class Databases:
+    """Empty databases for the PostgreSQL backend's tests. A used one is wiped (its sessions
+    ended, its schema dropped and made again: as empty as a new one) and handed to the next
+    test, which is ten times cheaper than CREATE DATABASE (~0.1-0.3 s here) per test."""
+
+    def __init__(self, pg: Sandbox) -> None:
+        self.pg = pg
+        self._free: list[tuple[str, str]] = []
+
+    def take(self) -> tuple[str, str]:
+        if self._free:
+            return self._free.pop()
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        return name, self.pg.create_database(name)
+
+    def give_back(self, name: str, dsn: str) -> None:
+        self.pg.psql("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid();"
+                     "DROP SCHEMA public CASCADE; CREATE SCHEMA public;", db=name)
+        self._free.append((name, dsn))
+
+
 @pytest.fixture(scope="session")
 def pg_sandbox(tmp_path_factory) -> Iterator[Sandbox]:
     """One PostgreSQL for the whole session (fsync off: it is thrown away); stopped at the end."""
@@ -400,13 +461,17 @@ def pg_sandbox(tmp_path_factory) -> Iterator[Sandbox]:
         yield pg
 
 
+@pytest.fixture(scope="session")
+def pg_databases(pg_sandbox: Sandbox) -> Databases:
+    return Databases(pg_sandbox)
+
+
 @pytest.fixture
-def pg_dsn(pg_sandbox: Sandbox) -> Iterator[str]:
-    """The DSN of a fresh, empty database on ``pg_sandbox``, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    dsn = pg_sandbox.create_database(name)
+def pg_dsn(pg_databases: Databases) -> Iterator[str]:
+    """The DSN of an empty database on ``pg_sandbox``, wiped after the test."""
+    name, dsn = pg_databases.take()
     yield dsn
-    pg_sandbox.drop_database(name)
+    pg_databases.give_back(name, dsn)
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sqlite3
 import threading
 import time
-from conftest import Wire, running, vm_args
+from conftest import Wire, query, running, vm_args
 
 PW = "pw-flood-right"
 
@@ -37,15 +36,11 @@ async def wait_rows(w: Wire, vm_id: str, total: int, timeout: float = 15.0) -> l
 
 
 def stored_rows(db: str) -> int:
-    con = sqlite3.connect(db)
-    try:
-        return con.execute("SELECT count(*) FROM history WHERE event = 'auth_failed'").fetchone()[0]
-    finally:
-        con.close()
+    return query(db, "SELECT count(*) FROM history WHERE event = 'auth_failed'")[0][0]
 
 
-async def test_a_missing_password_counts_toward_the_slowdown(db_path):
-    async with running(db_path, auth_failures_allowed=2) as srv:
+async def test_a_missing_password_counts_toward_the_slowdown(db):
+    async with running(db, auth_failures_allowed=2) as srv:
         a, b = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
         await a.ok("add_vm", **vm_args("mp-slow"), password=PW)
         for _ in range(2):
@@ -62,24 +57,24 @@ async def test_a_missing_password_counts_toward_the_slowdown(db_path):
             await w.close()
 
 
-async def test_refusals_while_locked_leave_no_trace(db_path):
+async def test_refusals_while_locked_leave_no_trace(db):
     """Once a VM is locked, further attempts (with or without a password) are refused at once:
     no history row, no event, no password hashed, however many."""
-    async with running(db_path, auth_failures_allowed=2) as srv:
+    async with running(db, auth_failures_allowed=2) as srv:
         srv.inventory.auth_failed_interval = 60.0  # nothing is flushed during the test
         a, watcher = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
         await a.ok("add_vm", **vm_args("locked"), password=PW)
         await watcher.ok("subscribe", events=["auth_failed"])
         assert await a.error("connect_vm", vm_id="locked") == "auth_failed"
         assert await a.error("connect_vm", vm_id="locked", password="wrong") == "auth_failed"
-        rows_before = stored_rows(db_path)
+        rows_before = stored_rows(db)
         lines = b"".join(json.dumps({"cmd": "connect_vm", "args": {"vm_id": "locked", **(
             {"password": f"guess-{i}"} if i % 2 else {})}, "id": i}).encode() + b"\n" for i in range(500))
         await a.send_raw(lines)
         for i in range(500):
             reply = await a.recv()
             assert reply["id"] == i and "try again in" in reply["error"]["message"], reply
-        assert stored_rows(db_path) == rows_before == 1  # only the first failure; the second is being counted
+        assert stored_rows(db) == rows_before == 1  # only the first failure; the second is being counted
         await watcher.send({"cmd": "health", "id": "sync"})
         lines = []
         while not lines or "event" in lines[-1]:
@@ -89,11 +84,11 @@ async def test_refusals_while_locked_leave_no_trace(db_path):
         await watcher.close()
 
 
-async def test_a_flood_of_failures_is_one_row_per_interval(db_path):
+async def test_a_flood_of_failures_is_one_row_per_interval(db):
     """203 failures from four sessions: the first is stored and announced at once with count 1,
     the rest together as few rows/events as the intervals they span, their counts adding up."""
     interval = 1.0
-    async with running(db_path, auth_failures_allowed=1_000_000) as srv:
+    async with running(db, auth_failures_allowed=1_000_000) as srv:
         srv.inventory.auth_failed_interval = interval
         port = srv.address[1]
         owner, watcher = await Wire.open(port), await Wire.open(port)
@@ -130,7 +125,7 @@ async def test_a_flood_of_failures_is_one_row_per_interval(db_path):
         assert [(e["data"]["count"], e["data"]["command"]) for e in flooded] == \
             [(r["count"], r["command"]) for r in reversed(rows)]
         assert all(e["event"] == "auth_failed" and e["data"]["connected"] is False for e in events)
-        assert stored_rows(db_path) == len(rows) + 1  # + bystander's
+        assert stored_rows(db) == len(rows) + 1  # + bystander's
         for w in [owner, watcher, *flooders]:
             await w.close()
 
@@ -148,9 +143,9 @@ class BusyThreads:
         await asyncio.gather(*self.tasks)
 
 
-async def test_too_many_checks_at_once_is_not_called_failed_attempts(db_path):
+async def test_too_many_checks_at_once_is_not_called_failed_attempts(db):
     """No password has failed: a check over the limit of checks at once is refused as that."""
-    async with running(db_path, auth_failures_allowed=1) as srv:
+    async with running(db, auth_failures_allowed=1) as srv:
         a, b = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
         await a.ok("add_vm", **vm_args("busy"), password=PW)
         busy = BusyThreads(asyncio.get_running_loop())
@@ -174,18 +169,14 @@ async def test_too_many_checks_at_once_is_not_called_failed_attempts(db_path):
         await b.close()
 
 
-async def test_counted_failures_are_stored_at_shutdown(db_path):
+async def test_counted_failures_are_stored_at_shutdown(db):
     """Failures still being counted when the server stops are written before it closes the file."""
-    async with running(db_path, auth_failures_allowed=1_000_000) as srv:
+    async with running(db, auth_failures_allowed=1_000_000) as srv:
         srv.inventory.auth_failed_interval = 3600.0
         w = await Wire.open(srv.address[1])
         await w.ok("add_vm", **vm_args("late-count"), password=PW)
         for _ in range(7):
             assert await w.error("connect_vm", vm_id="late-count") == "auth_failed"
         await w.close()
-    con = sqlite3.connect(db_path)
-    try:
-        rows = con.execute("SELECT reason, count FROM history WHERE event = 'auth_failed' ORDER BY id").fetchall()
-    finally:
-        con.close()
+    rows = query(db, "SELECT reason, count FROM history WHERE event = 'auth_failed' ORDER BY id")
     assert rows == [("connect_vm", 1), ("connect_vm", 6)]

@@ -478,6 +478,7 @@ async def test_error_auth_failed(client: vmclient.Client) -> None:
     assert (await bounded(client.authorize_vm("vm-2", password="s3cret-right")))["authorized"] is True
 
 
+@pytest.mark.sqlite_only
 async def test_error_internal(client: vmclient.Client, db_path: str) -> None:
     assert await bounded(client.health()) == "OK"
     blocker = sqlite3.connect(db_path, isolation_level=None, timeout=0.1)

@@ -373,10 +373,10 @@ async def test_over_long_greeting_is_a_connect_error(loop_errors) -> None:
 # --- 14: reconnecting -------------------------------------------------------------------------
 
 
-async def test_connect_after_a_lost_connection_reconnects(db_path: str, loop_errors) -> None:
+async def test_connect_after_a_lost_connection_reconnects(db: str, loop_errors) -> None:
     """The server stops and another starts on its port: connect() on the same client gets a new
     session (the old reader and writer cleaned up), and ``connected`` says so at each step."""
-    async with running(db_path) as first:
+    async with running(db) as first:
         port = first.address[1]
         c = vmclient.Client(HOST, port, timeout=STEP)
         await bounded(c.connect())
@@ -387,7 +387,7 @@ async def test_connect_after_a_lost_connection_reconnects(db_path: str, loop_err
         await until(lambda: not c.connected)
         events = await bounded(everything(stream))
         assert events[-1]["event"] == "shutdown"
-        async with running(db_path, port=port):
+        async with running(db, port=port):
             assert await bounded(c.connect()) is c
             assert c.connected is True
             assert c.subscription is None  # a new session starts unsubscribed

@@ -710,9 +710,9 @@ async def test_history_days_zero_keeps_everything(tmp_path):
         await a.close()
 
 
-async def test_a_listening_subscriber_is_not_idle(db_path):
+async def test_a_listening_subscriber_is_not_idle(db):
     """The idle timeout spares a session that is subscribed: listening for hours is its job."""
-    async with running(db_path, idle_timeout=0.3) as srv:
+    async with running(db, idle_timeout=0.3) as srv:
         listener, idler = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
         await listener.ok("subscribe", events=["vm_added"])
         assert await idler.at_eof()  # the plain idle session is closed after ~0.3 s
@@ -725,11 +725,11 @@ async def test_a_listening_subscriber_is_not_idle(db_path):
             await w.close()
 
 
-async def test_presence_changes_after_the_writer_stopped_are_answered_as_made(db_path, caplog):
+async def test_presence_changes_after_the_writer_stopped_are_answered_as_made(db, caplog):
     """A presence change is made in memory first, then journaled. Once the writer takes no more
     rows (as at the very end of a shutdown), the change stays made and is answered as made; the
     missing row is logged. A session ending then still releases every VM it held."""
-    async with running(db_path) as srv:
+    async with running(db) as srv:
         a, b = await Wire.open(srv.address[1]), await Wire.open(srv.address[1])
         for vm_id in ("late-1", "late-2", "late-3"):
             await a.ok("connect_vm", **vm_args(vm_id, f"{vm_id}-d"))

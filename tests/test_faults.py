@@ -891,6 +891,7 @@ async def test_disk_fills_up_during_operation(spawn, tmp_path):
 # --- 7. the database becomes unwritable during operation ------------------------------------
 
 
+@pytest.mark.sqlite_only
 async def test_write_locked_database_answers_internal_and_changes_nothing(server, wire, connect, db_path):
     await wire.ok("add_vm", **vm_args("lk-1", "lk-1-a"))
     await wire.ok("connect_vm", vm_id="lk-1")

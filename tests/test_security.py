@@ -79,8 +79,8 @@ def run_console(port: int, *words: str, options: tuple[str, ...] = (),
 # --- 1. the shared token -----------------------------------------------------------------------
 
 
-async def test_token_gate_for_every_command(db_path):
-    async with running(db_path, token=TOKEN) as srv, session(srv.address[1]) as w:
+async def test_token_gate_for_every_command(db):
+    async with running(db, token=TOKEN) as srv, session(srv.address[1]) as w:
         assert w.greeting["hello"]["auth_required"] is True
         assert "auth" in w.greeting["hello"]["commands"]
         gated = sorted(set(vmserver.commands.COMMANDS) - {"health", "auth"})
@@ -132,10 +132,10 @@ async def test_no_token_configured_auth_always_ok(server, wire):
     assert await wire.ok("health") == "OK"
 
 
-async def test_auth_with_malformed_token_is_not_an_internal_error(db_path):
+async def test_auth_with_malformed_token_is_not_an_internal_error(db):
     """A token that is not encodable text (a lone surrogate) is the client's mistake, like a bad
     password: invalid_args or auth_failed, never ``internal`` with a traceback in the log."""
-    async with running(db_path, token=TOKEN) as srv, session(srv.address[1]) as w:
+    async with running(db, token=TOKEN) as srv, session(srv.address[1]) as w:
         await w.send('{"cmd":"auth","args":{"token":"\\ud800abc"}}')
         r = await w.recv()
         assert r["ok"] is False
@@ -185,8 +185,8 @@ def test_cli_unusable_token_file_is_usage_error(spawn, tmp_path, content):
     assert_no_traceback(p.log)
 
 
-async def test_client_library_token(db_path):
-    async with running(db_path, token=TOKEN) as srv:
+async def test_client_library_token(db):
+    async with running(db, token=TOKEN) as srv:
         port = srv.address[1]
         async with vmclient.Client(port=port, token=TOKEN, timeout=10) as c:
             assert c.server_info["auth_required"] is True
@@ -279,9 +279,9 @@ async def _plain_client_gets_no_greeting(port: int) -> None:
             await asyncio.wait_for(writer.wait_closed(), 2)
 
 
-async def test_tls_server(db_path, cert):
+async def test_tls_server(db, cert):
     cert_pem, key_pem = cert
-    async with running(db_path, tls_cert=cert_pem, tls_key=key_pem) as srv:
+    async with running(db, tls_cert=cert_pem, tls_key=key_pem) as srv:
         port = srv.address[1]
         async with vmclient.Client(port=port, tls=True, cafile=cert_pem, timeout=10) as c:
             assert await c.health() == "OK"
@@ -353,8 +353,8 @@ def test_console_tls_cafile(spawn, tmp_path, cert):
 # --- 3. --require-passwords --------------------------------------------------------------------
 
 
-async def test_require_passwords(db_path):
-    async with running(db_path, require_passwords=True) as srv, session(srv.address[1]) as a:
+async def test_require_passwords(db):
+    async with running(db, require_passwords=True) as srv, session(srv.address[1]) as a:
         message = failed(await reply(a, "add_vm", **vm_args("vm-1", "disk-1")), "invalid_args")
         assert "password" in message
         message = failed(await reply(a, "connect_vm", **vm_args("vm-2", "disk-2")), "invalid_args")
@@ -375,11 +375,11 @@ async def test_require_passwords(db_path):
             assert (await b.ok("connect_vm", vm_id="vm-2", password="pw-two"))["connected"] is True
 
 
-async def test_require_passwords_refuses_vm_stored_without_one(db_path):
-    async with running(db_path) as srv, session(srv.address[1]) as w:
+async def test_require_passwords_refuses_vm_stored_without_one(db):
+    async with running(db) as srv, session(srv.address[1]) as w:
         await w.ok("add_vm", **vm_args("legacy", "legacy-disk"))
         await w.ok("add_vm", **vm_args("modern", "modern-disk"), password="pw-modern")
-    async with running(db_path, require_passwords=True) as srv, session(srv.address[1]) as w:
+    async with running(db, require_passwords=True) as srv, session(srv.address[1]) as w:
         message = failed(await reply(w, "connect_vm", vm_id="legacy", password="any-password"), "auth_failed")
         assert "requires" in message and "password" in message, message
         assert (await w.ok("connect_vm", vm_id="modern", password="pw-modern"))["connected"] is True
@@ -457,8 +457,8 @@ async def _until_not_locked(w: Wire, cmd: str, deadline_s: float = 3.0, **args) 
         await asyncio.sleep(0.1)
 
 
-async def test_password_guessing_is_slowed_down_per_vm(db_path):
-    async with running(db_path, auth_failures_allowed=2) as srv, \
+async def test_password_guessing_is_slowed_down_per_vm(db):
+    async with running(db, auth_failures_allowed=2) as srv, \
             session(srv.address[1]) as a, session(srv.address[1]) as b:
         await a.ok("add_vm", **vm_args("vm-a"), password="pw-a")
         await a.ok("add_vm", **vm_args("vm-b"), password="pw-b")
@@ -488,8 +488,8 @@ async def test_password_guessing_is_slowed_down_per_vm(db_path):
         assert (await b.ok("authorize_vm", vm_id="vm-a", password="pw-a"))["authorized"] is True
 
 
-async def test_connect_and_authorize_failures_count_together(db_path):
-    async with running(db_path, auth_failures_allowed=2) as srv, \
+async def test_connect_and_authorize_failures_count_together(db):
+    async with running(db, auth_failures_allowed=2) as srv, \
             session(srv.address[1]) as a, session(srv.address[1]) as b:
         await a.ok("add_vm", **vm_args("vm-c"), password="pw-c")
         await a.ok("connect_vm", vm_id="vm-c", password="pw-c")
@@ -510,11 +510,11 @@ async def test_connect_and_authorize_failures_count_together(db_path):
         assert "try again in 2s" in message, message
 
 
-async def test_concurrent_guesses_do_not_bypass_the_slowdown(db_path):
+async def test_concurrent_guesses_do_not_bypass_the_slowdown(db):
     """Guesses sent at once from many sessions must not all be checked: once ``allowed`` wrong
     passwords are in, the rest are refused with 'try again in' (otherwise N connections give N
     guesses per lock period instead of one)."""
-    async with running(db_path, auth_failures_allowed=2) as srv, session(srv.address[1]) as a:
+    async with running(db, auth_failures_allowed=2) as srv, session(srv.address[1]) as a:
         await a.ok("add_vm", **vm_args("vm-g"), password="pw-g")
         guessers = [await Wire.open(srv.address[1]) for _ in range(10)]
         try:

@@ -13,6 +13,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import Wire, disk, vm_args
 from vmserver.config import Config
 from vmserver.server import start_server
@@ -465,8 +467,7 @@ async def test_update_vm_requires_authorization(wire):
 # --- restart ------------------------------------------------------------------------------
 
 
-async def test_restart_keeps_inventory(tmp_path: Path):
-    db = str(tmp_path / "restart.db")
+async def test_restart_keeps_inventory(db: str):
     srv = await start_server(Config(host="127.0.0.1", port=0, db=db))
     try:
         w = await Wire.open(srv.address[1])
@@ -527,6 +528,7 @@ def lock_db(path: str) -> sqlite3.Connection:
     return conn
 
 
+@pytest.mark.sqlite_only
 async def test_storage_failure_on_add_is_internal(wire, db_path):
     await wire.ok("add_vm", **vm_args("pre", "pre-d"))
     before = await snapshot(wire)
@@ -559,6 +561,7 @@ async def test_storage_failure_on_add_is_internal(wire, db_path):
     assert await wire.error("add_vm", **args) == "already_exists"
 
 
+@pytest.mark.sqlite_only
 async def test_storage_failure_on_update_is_internal(wire, connect, db_path):
     await wire.ok("add_vm", **vm_args("up", "up-a", "up-b", ram=1024, cpu=1))
     await wire.ok("connect_vm", vm_id="up")
@@ -584,6 +587,7 @@ async def test_storage_failure_on_update_is_internal(wire, connect, db_path):
     assert find(vms, "up") == rec
 
 
+@pytest.mark.sqlite_only
 async def test_storage_failure_on_connect_keeps_vm_free(wire, db_path):
     await wire.ok("add_vm", **vm_args("cv", "cv-d"))
     before = await snapshot(wire)

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import secrets
 import select
 import socket
