@@ -14,7 +14,7 @@ from vmserver import listing
 from vmserver.inventory import Inventory
 from vmserver.presence import session_key
 from vmserver.listing import Blocks, joined, json_array, json_list
-from vmserver.backends.sqlite import Store, SQLiteStore
+from vmserver.backends.sqlite import SQLiteStore
 from vmserver.validation import DiskSpec
 
 from conftest import vm_args

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import Any
 
-import pytest
 
 from vmserver.backends.pg_sandbox import Sandbox, free_port
 

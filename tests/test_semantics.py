@@ -10,7 +10,6 @@ import asyncio
 import json
 import re
 import sqlite3
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -42,6 +42,18 @@ HistoryRow = tuple[str, str, str, "str | None", "str | None", "int | None"]
 StoredHistoryRow = tuple[int, str, str, str, "str | None", "str | None", "int | None"]
 
 
+def history_filter(vm_id: str | None, event: str | None, since: str | None, before: int | None,
+                   mark: str) -> tuple[str, list[Any]]:
+    """get_history's WHERE (every filter given must match) and its parameters; ``mark`` is the
+    driver's placeholder (``?`` or ``%s``)."""
+    where, params = [], []
+    for column, op, value in (("vm_id", "=", vm_id), ("event", "=", event), ("ts", ">=", since), ("id", "<", before)):
+        if value is not None:
+            where.append(f"{column} {op} {mark}")
+            params.append(value)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
 # --- the writes, as values --------------------------------------------------------------------
 
 

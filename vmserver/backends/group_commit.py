@@ -160,3 +160,22 @@ class GroupCommitter:
                 job.future.set_result(value)
             else:
                 job.future.set_exception(error)
+
+
+class Committed:
+    """What a store built on a GroupCommitter (``self.writer``) says of it, and how it takes writes."""
+
+    writer: GroupCommitter
+
+    @property
+    def writes(self) -> int:
+        return self.writer.writes
+
+    @property
+    def batches(self) -> int:
+        return self.writer.batches
+
+    def submit(self, what: str, write: Write, history: Any = (), *,
+               on_commit: Callable[[Any], Any] | None = None,
+               on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+        return self.writer.submit(what, write, history, on_commit=on_commit, on_fail=on_fail)

@@ -45,8 +45,8 @@ from psycopg.conninfo import conninfo_to_dict
 from ..errors import CommandError, StorageError
 from . import mask_dsn
 from .base import (AddVM, DiskRow, HistoryRow, Job, Outcome, PruneHistory, RemoveVM, SetLastConnected,
-                   Snapshot, StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, vm_taken)
-from .group_commit import DEFAULT_MAX_BATCH, GroupCommitter
+                   Snapshot, StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, history_filter, vm_taken)
+from .group_commit import DEFAULT_MAX_BATCH, Committed, GroupCommitter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -290,15 +290,9 @@ def read_history(conn: psycopg.Connection, vm_id: str | None, event: str | None,
                  before: int | None, limit: int) -> list[StoredHistoryRow]:
     """Newest first: (id, ts, vm_id, event, peer, reason, count) rows matching every given filter
     (sqlite.read_history's; the planner picks among the same indexes)."""
-    where, params = [], []
-    for clause, value in (("vm_id = %s", vm_id), ("event = %s", event), ("ts >= %s", since), ("id < %s", before)):
-        if value is not None:
-            where.append(clause)
-            params.append(value)
-    sql = "SELECT id, ts, vm_id, event, peer, reason, count FROM history"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return conn.execute(sql + " ORDER BY id DESC LIMIT %s", (*params, limit)).fetchall()
+    where, params = history_filter(vm_id, event, since, before, "%s")
+    return conn.execute(f"SELECT id, ts, vm_id, event, peer, reason, count FROM history{where} "
+                        "ORDER BY id DESC LIMIT %s", (*params, limit)).fetchall()
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -326,7 +320,7 @@ def _broken(conn: psycopg.Connection) -> bool:
 _UP, _DOWN, _FATAL, _CLOSED = "up", "down", "fatal", "closed"
 
 
-class PostgresStore:
+class PostgresStore(Committed):
     """The storage port (base.Store) on a PostgreSQL database: the primary connection written
     by a group-committing writer thread and watched by a watchdog thread, :class:`Readers`
     beside it."""
@@ -517,23 +511,10 @@ class PostgresStore:
 
     # --- the port ---------------------------------------------------------------------------------
 
-    @property
-    def writes(self) -> int:
-        return self.writer.writes
-
-    @property
-    def batches(self) -> int:
-        return self.writer.batches
-
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.writer.start(loop)
         self._watchdog.start()
-
-    def submit(self, what: str, write: Write, history: Sequence[HistoryRow] = (), *,
-               on_commit: Callable[[Any], Any] | None = None,
-               on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
-        return self.writer.submit(what, write, history, on_commit=on_commit, on_fail=on_fail)
 
     async def read_history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                            limit: int) -> list[StoredHistoryRow]:

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 from ..errors import CommandError, StorageError
 from .base import (AddVM, DiskRow, HistoryRow, Job, Outcome, PruneHistory, RemoveVM, SetLastConnected, Snapshot,
-                   StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, vm_taken)
-from .group_commit import DEFAULT_MAX_BATCH, GroupCommitter
+                   StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, history_filter, vm_taken)
+from .group_commit import DEFAULT_MAX_BATCH, Committed, GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +181,10 @@ def history_query(vm_id: str | None, event: str | None, since: str | None, befor
     Otherwise SQLite picks by the equality filters: (vm_id, event, id), (vm_id, id) or
     (event, id), each already in id order; with none, the table itself, newest first.
     """
-    where, params = [], []
-    for clause, value in (("vm_id = ?", vm_id), ("event = ?", event), ("ts >= ?", since), ("id < ?", before)):
-        if value is not None:
-            where.append(clause)
-            params.append(value)
-    sql = "SELECT id, ts, vm_id, event, peer, reason, count FROM history"
-    if by_time:
-        sql += " INDEXED BY history_by_ts"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    return sql + " ORDER BY id DESC LIMIT ?", (*params, limit)
+    where, params = history_filter(vm_id, event, since, before, "?")
+    index = " INDEXED BY history_by_ts" if by_time else ""
+    return f"SELECT id, ts, vm_id, event, peer, reason, count FROM history{index}{where} ORDER BY id DESC LIMIT ?", \
+        (*params, limit)
 
 
 def read_history(db: sqlite3.Connection, vm_id: str | None, event: str | None, since: str | None,
@@ -554,7 +547,7 @@ def _make_parent(path: str) -> None:
             raise StorageError(f"cannot create the directory of database {path}: {exc.strerror or exc}") from exc
 
 
-class SQLiteStore:
+class SQLiteStore(Committed):
     """The storage port (base.Store) on an SQLite file: a :class:`Store` written by a
     group-committing writer thread, read by :class:`Readers` beside it."""
 
@@ -569,24 +562,11 @@ class SQLiteStore:
     def _execute(self, jobs: list[Job]) -> list[Outcome]:
         return self.db.write_batch([(what, run_write, (write, history)) for what, write, history in jobs])
 
-    @property
-    def writes(self) -> int:
-        return self.writer.writes
-
-    @property
-    def batches(self) -> int:
-        return self.writer.batches
-
     def load(self) -> tuple[list[VMRow], list[DiskRow]]:
         return self.db.load()
 
     def start(self, loop: Any) -> None:
         self.writer.start(loop)
-
-    def submit(self, what: str, write: Write, history: Sequence[HistoryRow] = (), *,
-               on_commit: Callable[[Any], Any] | None = None,
-               on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
-        return self.writer.submit(what, write, history, on_commit=on_commit, on_fail=on_fail)
 
     async def read_history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                            limit: int) -> list[StoredHistoryRow]:
