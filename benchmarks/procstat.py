@@ -21,17 +21,23 @@ def cpu_seconds(pid: int) -> float:
     return _stat_cpu(f"/proc/{pid}/stat")
 
 
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process's children that have ended and been waited for
+    (fields 16 and 17, cutime and cstime), in seconds."""
+    return _stat_cpu(f"/proc/{pid}/stat", first=13)
+
+
 def main_thread_cpu_seconds(pid: int) -> float:
     """The same for the process's first thread alone (for our server: the event loop)."""
     return _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
 
 
-def _stat_cpu(path: str) -> float:
+def _stat_cpu(path: str, first: int = 11) -> float:
     with open(path, "rb") as f:
         data = f.read()
     # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
     fields = data[data.rindex(b")") + 2:].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15, counted from 1
+    utime, stime = int(fields[first]), int(fields[first + 1])  # 11: fields 14 and 15, counted from 1
     return (utime + stime) / _CLK_TCK
 
 

@@ -25,6 +25,7 @@ of the runs. Figures (see BENCHMARKS.md for what each measures and what limits i
 10. ``subscribers``       1,000 subscribers during the lifecycle workload: ops/s, CPU per event
 11. ``gc_pauses``         19,500 sessions holding VMs, then a burst of writes: stalls, GC pauses
 12. ``fleet``             10,000 agents: connect storm, mass disconnect, restart
+13. ``postgres``          figures 2 and 3 on PostgreSQL beside SQLite; the floor for PostgreSQL's writes
 
 Results are printed as a table and written as JSON (default ``benchmarks/results.json``; in
 smoke mode a temporary file unless ``--out`` is given). Exit status: 0 when every figure
@@ -58,7 +59,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import fleet, loadgen, procstat
+from . import fleet, loadgen, pg_figure, procstat
 from .fleet import Fleet
 from .loadgen import LoadError
 
@@ -243,8 +244,9 @@ class Bench:
         self.tmp = tmp
         self.procs: list[ServerProc] = []
 
-    def ours(self, name: str, db: Path | None = None, extra: Sequence[str] = (), timeout: float = 120.0,
+    def ours(self, name: str, db: Path | str | None = None, extra: Sequence[str] = (), timeout: float = 120.0,
              env: dict[str, str] | None = None) -> ServerProc:
+        """Our server on ``db``: an SQLite file (default: a new one named after it) or a PostgreSQL DSN."""
         db = db or self.tmp / f"{name}.db"
         argv = [sys.executable, "-m", "vmserver", "--host", "127.0.0.1", "--port", "0", "--db", str(db),
                 "--log-level", "INFO", *extra]
@@ -314,9 +316,14 @@ class Measured:
         return out
 
 
-def measure(server: ServerProc, work: Callable[[], loadgen.Result], expected: int | None) -> Measured:
-    """Run ``work`` and read the server's CPU time around it; every reply must have been ok."""
-    b0 = procstat.cpu_busy_seconds(SERVER_CPU) if can_pin() else None
+def measure(server: ServerProc, work: Callable[[], loadgen.Result], expected: int | None,
+            interference: bool = True) -> Measured:
+    """Run ``work`` and read the server's CPU time around it; every reply must have been ok.
+
+    ``interference`` False: the server's CPU is shared with a part of the server that is not its
+    process (PostgreSQL), so what else ran there is not counted as other processes' interference.
+    """
+    b0 = procstat.cpu_busy_seconds(SERVER_CPU) if can_pin() and interference else None
     c0, p0 = server.cpu()
     k0 = time.process_time()
     w0 = time.perf_counter()
@@ -449,74 +456,98 @@ def fig_health_pipelined(b: Bench, fig: Figure) -> None:
             m = measure(server, lambda: loadgen.pipelined(server.port, total=n, window=s.window, timeout=s.timeout), n)
             entry[name] = m.per_request(n)
         fig.runs.append(entry)
-    _compare(fig, "health pipelined", throughput_target=True, cpu_target=1.15)
+    _compare(fig, "health pipelined", throughput_target=0.8, cpu_target=1.15)
     fig.notes.append(f"{n} health requests per run on one connection, {s.window} in flight; "
                      f"median of {s.runs} runs; CPU from /proc/<pid>/stat (10 ms ticks), schedstat cross-check in JSON")
 
 
-def _compare(fig: Figure, label: str, throughput_target: bool, cpu_target: float, latency: bool = False) -> None:
-    """Rows and metrics for a workload measured on ours and on the reference, run by run."""
+def _compare(fig: Figure, label: str, throughput_target: float | None, cpu_target: float, latency: bool = False,
+             names: tuple[str, str] = ("ours", "reference")) -> None:
+    """Rows and metrics for a workload measured on two servers (``names``: ours, then what it is
+    compared with, as keyed in each run), run by run."""
+    a, r_ = names
+
     def med(server: str, key: str) -> float | None:
         return med_of([r[server] for r in fig.runs], key)
 
     prefix = label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-    rps_o, rps_r = med("ours", "rate_per_s"), med("reference", "rate_per_s")
-    cpu_o, cpu_r = med("ours", "cpu_us_per_request"), med("reference", "cpu_us_per_request")
-    pre_o, pre_r = med("ours", "cpu_us_per_request_schedstat"), med("reference", "cpu_us_per_request_schedstat")
-    cli_o, cli_r = med("ours", "client_cpu_us_per_request"), med("reference", "client_cpu_us_per_request")
+    rps_o, rps_r = med(a, "rate_per_s"), med(r_, "rate_per_s")
+    cpu_o, cpu_r = med(a, "cpu_us_per_request"), med(r_, "cpu_us_per_request")
+    pre_o, pre_r = med(a, "cpu_us_per_request_schedstat"), med(r_, "cpu_us_per_request_schedstat")
+    cli_o, cli_r = med(a, "client_cpu_us_per_request"), med(r_, "client_cpu_us_per_request")
     fig.metrics[prefix] = {
-        "ours_requests_per_s": rps_o, "reference_requests_per_s": rps_r, "throughput_ratio": ratio(rps_o, rps_r),
-        "ours_cpu_us_per_request": cpu_o, "reference_cpu_us_per_request": cpu_r, "cpu_ratio": ratio(cpu_o, cpu_r),
-        "ours_cpu_us_per_request_schedstat": pre_o, "reference_cpu_us_per_request_schedstat": pre_r,
+        f"{a}_requests_per_s": rps_o, f"{r_}_requests_per_s": rps_r, "throughput_ratio": ratio(rps_o, rps_r),
+        f"{a}_cpu_us_per_request": cpu_o, f"{r_}_cpu_us_per_request": cpu_r, "cpu_ratio": ratio(cpu_o, cpu_r),
+        f"{a}_cpu_us_per_request_schedstat": pre_o, f"{r_}_cpu_us_per_request_schedstat": pre_r,
         "cpu_ratio_schedstat": ratio(pre_o, pre_r),
         # Each run measures both servers back to back: the median of the per-run ratios is
         # less sensitive to drift in the machine's load than the ratio of the medians.
-        "cpu_ratio_paired": median([ratio(r["ours"]["cpu_us_per_request"], r["reference"]["cpu_us_per_request"])
+        "cpu_ratio_paired": median([ratio(r[a]["cpu_us_per_request"], r[r_]["cpu_us_per_request"])
                                     for r in fig.runs]),
-        "throughput_ratio_paired": median([ratio(r["ours"]["rate_per_s"], r["reference"]["rate_per_s"])
-                                           for r in fig.runs]),
-        "loadgen_cpu_us_per_request": {"ours": cli_o, "reference": cli_r},
+        "throughput_ratio_paired": median([ratio(r[a]["rate_per_s"], r[r_]["rate_per_s"]) for r in fig.runs]),
+        "loadgen_cpu_us_per_request": {a: cli_o, r_: cli_r},
     }
     fig.row(f"{label}: requests/s", rps_o, rps_r, "/s", ratio(rps_o, rps_r),
-            (">=", 0.8) if throughput_target else None)
+            None if throughput_target is None else (">=", throughput_target))
     fig.row(f"{label}: server CPU/request", cpu_o, cpu_r, "µs", ratio(cpu_o, cpu_r), ("<=", cpu_target))
     if latency:
         for p in ("p50_ms", "p99_ms"):
-            o, r = med("ours", p), med("reference", p)
-            fig.metrics[prefix][f"ours_{p}"] = o
-            fig.metrics[prefix][f"reference_{p}"] = r
+            o, r = med(a, p), med(r_, p)
+            fig.metrics[prefix][f"{a}_{p}"] = o
+            fig.metrics[prefix][f"{r_}_{p}"] = r
             fig.row(f"{label}: {p[:3]} latency", o, r, "ms", ratio(o, r))
+
+
+SMALL_READS = ("health", "get_all_vms")
 
 
 def fig_small_reads(b: Bench, fig: Figure) -> None:
     s = b.s
-    ours = b.ours("ours")
-    ref = b.reference(vms=s.small_vms)
-    populate(ours.port, [vm_spec(f"vm-{i}") for i in range(1, s.small_vms + 1)])
-    for server in (ours, ref):  # both answer a list of the same length, and the workload is warm
+    servers = {"ours": b.ours("ours"), "reference": b.reference(vms=s.small_vms)}
+    fig.runs += _small_reads(b, servers, stored=("ours",))
+    for cmd, cpu_target in (("health", 1.15), ("get_all_vms", 1.5)):
+        _small_read_rows(fig, fig.runs, cmd, _read_label(s, cmd), ("ours", "reference"), cmd,
+                         throughput_target=0.8, cpu_target=cpu_target)
+    fig.notes.append(f"{s.concurrent_requests} requests per run over {s.connections} connections, one in flight on each; "
+                     f"reference answers get_all_vms with a constant list of {s.small_vms} VM records it json.dumps each time")
+
+
+def _small_reads(b: Bench, servers: dict[str, ServerProc], stored: Sequence[str],
+                 interference: bool = True) -> list[dict[str, Any]]:
+    """Figure 2's workload on each of ``servers`` (those named in ``stored`` are given the
+    small_vms VMs first): per run, ``{name}_{cmd}`` for each server and command."""
+    s = b.s
+    for name in stored:
+        populate(servers[name].port, [vm_spec(f"vm-{i}") for i in range(1, s.small_vms + 1)])
+    for server in servers.values():  # all answer a list of the same length, and the workload is warm
         check_list_len(server.port, "get_all_vms", s.small_vms)
         loadgen.concurrent(server.port, "get_all_vms", total=min(2000, s.concurrent_requests),
                            connections=s.connections, timeout=s.timeout).require_all_ok()
-    servers = {"ours": ours, "reference": ref}
     n = s.concurrent_requests
+    runs = []
     for run in range(s.runs):
         entry: dict[str, Any] = {"run": run}
-        for cmd in ("health", "get_all_vms"):
+        for cmd in SMALL_READS:
             for name in order(run, list(servers)):
                 server = servers[name]
                 m = measure(server, lambda: loadgen.concurrent(server.port, cmd, total=n, connections=s.connections,
-                                                               timeout=s.timeout), n)
+                                                               timeout=s.timeout), n, interference)
                 entry[f"{name}_{cmd}"] = m.per_request(n)
-        fig.runs.append(entry)
-    for cmd, cpu_target in (("health", 1.15), ("get_all_vms", 1.5)):
-        sub = Figure(fig.number, fig.name, fig.title,
-                     runs=[{"ours": r[f"ours_{cmd}"], "reference": r[f"reference_{cmd}"]} for r in fig.runs])
-        label = f"{s.connections} conns {cmd}" + (f" ({s.small_vms} VMs)" if cmd == "get_all_vms" else "")
-        _compare(sub, label, throughput_target=True, cpu_target=cpu_target, latency=True)
-        fig.rows += sub.rows
-        fig.metrics[cmd] = next(iter(sub.metrics.values()))
-    fig.notes.append(f"{n} requests per run over {s.connections} connections, one in flight on each; "
-                     f"reference answers get_all_vms with a constant list of {s.small_vms} VM records it json.dumps each time")
+        runs.append(entry)
+    return runs
+
+
+def _read_label(s: Settings, cmd: str) -> str:
+    return f"{s.connections} conns {cmd}" + (f" ({s.small_vms} VMs)" if cmd == "get_all_vms" else "")
+
+
+def _small_read_rows(fig: Figure, runs: list[dict[str, Any]], cmd: str, label: str, names: tuple[str, str],
+                     key: str, throughput_target: float, cpu_target: float) -> None:
+    """Figure 2's rows for one command, ``names[0]`` against ``names[1]``; metrics under ``key``."""
+    sub = Figure(fig.number, fig.name, fig.title, runs=[{n: r[f"{n}_{cmd}"] for n in names} for r in runs])
+    _compare(sub, label, throughput_target=throughput_target, cpu_target=cpu_target, latency=True, names=names)
+    fig.rows += sub.rows
+    fig.metrics[key] = next(iter(sub.metrics.values()))
 
 
 _WRITER_LOG = re.compile(r"database writer: (\d+) writes in (\d+) transactions")
@@ -561,46 +592,9 @@ def _durable_writes(b: Bench, fig: Figure, env: dict[str, str] | None = None, ta
                                      "(exit status 2, unrecognized arguments)")
         else:
             raise
-    agents, rounds = s.write_agents, s.write_rounds
-    writes = agents * rounds * 2
-    expected_vms = {name: 0 for name in servers}
     for run in range(s.runs):
-        entry: dict[str, Any] = {"run": run}
-        for name in order(run, list(servers)):
-            server = servers[name]
-            opened = open_many(server.port, agents)
-            try:
-                own = [f"r{run}-a{i}" for i in range(agents)]
-                setup = [[("connect_vm", vm_spec(v)), ("authorize_vm", {"vm_id": v})] for v in own]
-                loadgen.run_sessions(server.port, setup, opened=opened, timeout=s.timeout).require_all_ok(2 * agents)
-                scripts = [[step for j in range(rounds) for step in (
-                    ("add_vm", vm_spec(f"{v}-{j}")), ("update_vm", {"vm_id": v, "ram": 1024 + j}))] for v in own]
-                loop0 = procstat.main_thread_cpu_seconds(server.pid)
-                m = measure(server, lambda: loadgen.run_sessions(server.port, scripts, opened=opened,
-                                                                  timeout=s.timeout), writes)
-                loop_s = procstat.main_thread_cpu_seconds(server.pid) - loop0
-            finally:
-                for sock, _ in opened:
-                    sock.close()
-            expected_vms[name] += agents * (rounds + 1)
-            per = m.per_request(writes)
-            # Split by thread: the event loop (parse, check, reply) and the rest, i.e. the writer (SQL, commit).
-            per.update(writes=writes, loop_cpu_us_per_write=loop_s / writes * 1e6,
-                       writer_cpu_us_per_write=(m.cpu_s - loop_s) / writes * 1e6,
-                       cpu_busy=per["cpu_us_per_request"] * per["rate_per_s"] / 1e6)
-            entry[name] = per
-        fig.runs.append(entry)
-    # Durability check: what the server acknowledged is in the file once it has stopped.
-    per_commit: dict[str, float | None] = {}
-    for name, server in servers.items():
-        db = Path(server.argv[server.argv.index("--db") + 1])
-        b.stop(server)
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            stored = conn.execute("SELECT count(*) FROM vms").fetchone()[0]
-        if stored != expected_vms[name]:
-            raise LoadError(f"{name}: {stored} VMs in the database after the run, {expected_vms[name]} acknowledged")
-        found = _WRITER_LOG.findall(server.log_path.read_text(errors="replace"))
-        per_commit[name] = int(found[-1][0]) / max(1, int(found[-1][1])) if found else None
+        fig.runs.append({"run": run} | {name: _write_run(b, servers[name], run) for name in order(run, list(servers))})
+    per_commit = _stop_and_count(b, servers, {name: s.runs * _vms_per_write_run(s) for name in servers})
     g = med_of([r["group"] for r in fig.runs], "rate_per_s")
     one = med_of([r["one_commit"] for r in fig.runs], "rate_per_s") if "one_commit" in servers else None
 
@@ -615,17 +609,92 @@ def _durable_writes(b: Bench, fig: Figure, env: dict[str, str] | None = None, ta
         "one_commit_cpu_us_per_write": med2("cpu_us_per_request")[1],
         "writes_per_commit": per_commit,
     }
-    fig.row("writes/s: default (group commit) vs --max-write-batch 1", g, one, "/s", ratio(g, one),
-            (">=", 5.0) if target else None)
+    _write_rows(fig, fig.runs, ("group", "one_commit" if one else None), per_commit,
+                "writes/s: default (group commit) vs --max-write-batch 1", (">=", 5.0) if target else None)
+    fig.notes.append(f"{s.write_agents} agents, each with its own connection and its own authorized VM, send "
+                     f"{s.write_rounds} x (add_vm of a new VM with two disks, update_vm of its VM): "
+                     f"{_writes_per_run(s)} durable writes per run; "
+                     "every acknowledged VM was found in the SQLite file after the server stopped")
+
+
+def _writes_per_run(s: Settings) -> int:
+    return s.write_agents * s.write_rounds * 2
+
+
+def _vms_per_write_run(s: Settings) -> int:
+    """The VMs a run of :func:`_write_run` registers: each agent's own, and one per round."""
+    return s.write_agents * (s.write_rounds + 1)
+
+
+def _write_run(b: Bench, server: ServerProc, run: int, db_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
+    """One run of figure 3's workload on ``server``: its per-write figures. ``db_cpu``: the CPU
+    seconds so far of a database outside the server's process (PostgreSQL), to count it too."""
+    s = b.s
+    agents, rounds = s.write_agents, s.write_rounds
+    writes = _writes_per_run(s)
+    opened = open_many(server.port, agents)
+    try:
+        own = [f"r{run}-a{i}" for i in range(agents)]
+        setup = [[("connect_vm", vm_spec(v)), ("authorize_vm", {"vm_id": v})] for v in own]
+        loadgen.run_sessions(server.port, setup, opened=opened, timeout=s.timeout).require_all_ok(2 * agents)
+        scripts = [[step for j in range(rounds) for step in (
+            ("add_vm", vm_spec(f"{v}-{j}")), ("update_vm", {"vm_id": v, "ram": 1024 + j}))] for v in own]
+        loop0 = procstat.main_thread_cpu_seconds(server.pid)
+        db0 = db_cpu() if db_cpu else 0.0
+        m = measure(server, lambda: loadgen.run_sessions(server.port, scripts, opened=opened, timeout=s.timeout),
+                    writes, interference=db_cpu is None)
+        db_s = db_cpu() - db0 if db_cpu else None
+        loop_s = procstat.main_thread_cpu_seconds(server.pid) - loop0
+    finally:
+        for sock, _ in opened:
+            sock.close()
+    per = m.per_request(writes)
+    # Split by thread: the event loop (parse, check, reply) and the rest, i.e. the writer (SQL, commit).
+    per.update(writes=writes, loop_cpu_us_per_write=loop_s / writes * 1e6,
+               writer_cpu_us_per_write=(m.cpu_s - loop_s) / writes * 1e6,
+               cpu_busy=per["cpu_us_per_request"] * per["rate_per_s"] / 1e6)
+    if db_s is not None:
+        per["db_cpu_us_per_write"] = db_s / writes * 1e6
+    return per
+
+
+def _sqlite_vms(server: ServerProc) -> int:
+    db = Path(server.argv[server.argv.index("--db") + 1])
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute("SELECT count(*) FROM vms").fetchone()[0]
+
+
+def _stop_and_count(b: Bench, servers: dict[str, ServerProc], expected: dict[str, int],
+                    count: Callable[[ServerProc], int] = _sqlite_vms) -> dict[str, float | None]:
+    """Stop each server, then check that every VM it acknowledged is in its database (``count``
+    reads them there); each one's writes per commit, from the line it logged when it stopped."""
+    per_commit: dict[str, float | None] = {}
+    for name, server in servers.items():
+        b.stop(server)
+        stored = count(server)
+        if stored != expected[name]:
+            raise LoadError(f"{name}: {stored} VMs in the database after the run, {expected[name]} acknowledged")
+        found = _WRITER_LOG.findall(server.log_path.read_text(errors="replace"))
+        per_commit[name] = int(found[-1][0]) / max(1, int(found[-1][1])) if found else None
+    return per_commit
+
+
+def _write_rows(fig: Figure, runs: list[dict[str, Any]], names: tuple[str, str | None],
+                per_commit: dict[str, float | None], head: str, target: tuple[str, float] | None) -> None:
+    """Figure 3's rows, ``names[0]`` against ``names[1]`` (None: that one is not available)."""
+    a, other = names
+
+    def med2(key: str) -> tuple[float | None, float | None]:
+        return med_of([r[a] for r in runs], key), med_of([r[other] for r in runs], key) if other else None
+
+    fig.row(head, *med2("rate_per_s"), "/s", ratio(*med2("rate_per_s")), target)
     fig.row("write p99 latency", *med2("p99_ms"), "ms", ratio(*med2("p99_ms")))
-    fig.row("writes per commit (whole run, from the server log)", per_commit.get("group"), per_commit.get("one_commit"))
+    fig.row("writes per commit (whole run, from the server log)", per_commit.get(a),
+            per_commit.get(other) if other else None)
     for key, label in (("cpu_us_per_request", "server CPU per write"), ("loop_cpu_us_per_write", "  event loop thread"),
                        ("writer_cpu_us_per_write", "  writer thread")):
         fig.row(label, *med2(key), "µs", ratio(*med2(key)))
     fig.row("server CPU busy during the run (1 = its CPU is saturated)", *med2("cpu_busy"))
-    fig.notes.append(f"{agents} agents, each with its own connection and its own authorized VM, send {rounds} x "
-                     f"(add_vm of a new VM with two disks, update_vm of its VM): {writes} durable writes per run; "
-                     "every acknowledged VM was found in the SQLite file after the server stopped")
 
 
 def fig_agent_lifecycle(b: Bench, fig: Figure) -> None:
@@ -1547,6 +1616,109 @@ def fig_fleet(b: Bench, fig: Figure) -> None:
         f"per agent; median of {cheap_runs(s)} runs")
 
 
+# --- figure 13: the PostgreSQL backend ---------------------------------------------------------
+
+
+def fig_postgres(b: Bench, fig: Figure) -> None:
+    """Figures 2 and 3 on PostgreSQL beside SQLite, and the floor for PostgreSQL's writes, all on
+    one durable throwaway cluster."""
+    why = pg_figure.unavailable()
+    if why is not None:
+        fig.not_available.append(why)
+        return
+    with pg_figure.cluster(b.tmp / "pg", _env(), b.tmp / "pg-guard.log") as pg:
+        try:
+            _postgres_figure(b, fig, pg)
+        finally:
+            b.close()  # the servers before their database
+
+
+def _postgres_figure(b: Bench, fig: Figure, pg: Any) -> None:
+    s = b.s
+    pair = ("postgres", "sqlite")
+    # (a) Figure 2's reads: both servers answer from memory.
+    servers = {"postgres": b.ours("pg-reads", db=pg.create_database("reads")), "sqlite": b.ours("sqlite-reads")}
+    reads = _small_reads(b, servers, stored=pair)
+    for server in servers.values():
+        b.stop(server)
+    for cmd in SMALL_READS:
+        _small_read_rows(fig, reads, cmd, f"(a) {_read_label(s, cmd)}, PostgreSQL vs SQLite", pair,
+                         f"reads_{cmd}", throughput_target=0.91, cpu_target=1.1)
+    # (b) Figure 3's writes on both, and (c) the floor, in turn within each run.
+    servers = {"postgres": b.ours("pg-writes", db=pg.create_database("writes")), "sqlite": b.ours("sqlite-writes")}
+    floor_dsn = pg.create_database("floor")
+    pg.psql(pg_figure.FLOOR_TABLE, db="floor")
+    clients, per_client = s.write_agents, 2 * s.write_rounds  # as many rows as the writes per run
+
+    def floor(run: int, driver: str) -> dict[str, Any] | None:
+        if driver == "floor_threads":
+            return pg_figure.floor_threads(floor_dsn, clients, per_client, f"t{run}", s.timeout,
+                                           lambda: pg_figure.cluster_cpu(pg))
+        return pg_figure.floor_pgbench(pg, "floor", clients, per_client, run, b.tmp, s.timeout)
+
+    writes: list[dict[str, Any]] = []
+    for run in range(s.runs):
+        entry: dict[str, Any] = {"run": run}
+        for name in order(run, [*servers, "floor_threads", "floor_pgbench"]):
+            if name in servers:
+                entry[name] = _write_run(b, servers[name], run,
+                                         (lambda: pg_figure.cluster_cpu(pg)) if name == "postgres" else None)
+            else:
+                entry[name] = floor(run, name)
+        writes.append(entry)
+    fig.runs = [{"run": run, "reads": r, "writes": w} for run, (r, w) in enumerate(zip(reads, writes))]
+
+    def count(server: ServerProc) -> int:
+        if server is servers["postgres"]:
+            return int(pg.psql("SELECT count(*) FROM vms", db="writes"))
+        return _sqlite_vms(server)
+
+    per_commit = _stop_and_count(b, servers, {name: s.runs * _vms_per_write_run(s) for name in servers}, count)
+    drivers = [d for d in ("floor_threads", "floor_pgbench") if writes[0][d] is not None]
+    inserted = int(pg.psql("SELECT count(*) FROM floor_vms", db="floor"))
+    if inserted != s.runs * len(drivers) * clients * per_client:
+        raise LoadError(f"floor: {inserted} rows in floor_vms after the runs, "
+                        f"{s.runs * len(drivers) * clients * per_client} inserted")
+    _write_rows(fig, writes, pair, per_commit,
+                f"(b) {s.write_agents} agents add_vm + update_vm: writes/s, PostgreSQL vs SQLite", None)
+    db_cpu = med_of([w["postgres"] for w in writes], "db_cpu_us_per_write")
+    fig.row("  PostgreSQL's own processes, per write", db_cpu, None, "µs")
+
+    def med(driver: str, key: str) -> float | None:
+        return med_of([w[driver] for w in writes], key)
+
+    labels = {"floor_threads": "psycopg, a thread each", "floor_pgbench": "pgbench -M prepared"}
+    for d in drivers:
+        fig.row(f"(c) floor, {clients} connections, 1 INSERT per transaction ({labels[d]}): inserts/s", med(d, "rate_per_s"),
+                None, "/s")
+        if d == "floor_threads":  # pgbench's run includes its connections' start and end
+            fig.row("  PostgreSQL's own processes, per insert", med(d, "db_cpu_us_per_write"), None, "µs")
+    best = [max(w[d]["rate_per_s"] for d in drivers) for w in writes]  # the floor: the better driver of each run
+    ours = med_of([w["postgres"] for w in writes], "rate_per_s")
+    fig.row("durable writes/s on PostgreSQL vs the floor (the better driver of each run)", ours, median(best), "/s",
+            ratio(ours, median(best)), (">=", 1.0))
+    fig.metrics.update({
+        "writes": {f"{n}_{k}": med_of([w[n] for w in writes], k) for n in pair
+                   for k in ("rate_per_s", "p99_ms", "cpu_us_per_request", "loop_cpu_us_per_write",
+                             "writer_cpu_us_per_write", "cpu_busy")} | {
+            "postgres_db_cpu_us_per_write": db_cpu, "writes_per_commit": per_commit},
+        "floor": {d: {"inserts_per_s": med(d, "rate_per_s"), "db_cpu_us_per_insert": med(d, "db_cpu_us_per_write")
+                      if d == "floor_threads" else None} for d in drivers} | {"best_inserts_per_s": median(best), "inserts_per_run": clients * per_client},
+        "postgres_vs_floor": ratio(ours, median(best)),
+        "postgres_vs_floor_paired": median([ratio(w["postgres"]["rate_per_s"], f) for w, f in zip(writes, best)]),
+        "stored": {"vms_acknowledged": {n: s.runs * _vms_per_write_run(s) for n in pair}, "floor_rows": inserted},
+    })
+    fig.notes.append(
+        f"one durable PostgreSQL {pg.psql('SHOW server_version').strip()} (pg_sandbox, fsync on, synchronous_commit "
+        "on) for the whole figure, on every CPU (not pinned; so are the floor's drivers); our servers pinned as "
+        f"elsewhere. (a) figure 2's reads: {s.concurrent_requests} requests per run over {s.connections} "
+        f"connections on each server, {s.small_vms} VMs; (b) figure 3's writes: {_writes_per_run(s)} per run "
+        "(add_vm and update_vm both count), every acknowledged VM counted in SQLite's file and in PostgreSQL "
+        f"(psql) after the servers stopped; (c) {clients} connections, {per_client} INSERTs each into a vms-shaped "
+        "table, autocommit (one transaction per row), rows counted after; (b) and (c) take turns within each run; "
+        f"median of {s.runs} runs")
+
+
 FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (1, "health_pipelined", "health pipelined on one connection", fig_health_pipelined),
     (2, "small_reads", "concurrent small reads: health, get_all_vms of 10 VMs", fig_small_reads),
@@ -1560,6 +1732,8 @@ FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (10, "subscribers", "subscribers during the agent lifecycle", fig_subscribers),
     (11, "gc_pauses", "many sessions, a burst of writes: stalls and GC pauses", fig_gc_pauses),
     (12, "fleet", "a fleet of agents: connect storm, mass disconnect, restart", fig_fleet),
+    (13, "postgres", "the PostgreSQL backend: figures 2 and 3 beside SQLite, and the floor for its writes",
+     fig_postgres),
 ]
 
 
@@ -1712,7 +1886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INTERFERENCE:
         info["server_cpu_taken_by_others"] = {"median": median(INTERFERENCE), "max": max(INTERFERENCE)}
         print(f"\ninterference: other processes used {median(INTERFERENCE):.0%} (median; worst {max(INTERFERENCE):.0%}) "
-              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7 and 10")
+              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7, 10 and 13")
     if args.merge and out_path.exists():
         results = merge_results(json.loads(out_path.read_text()), results)
     out_path.parent.mkdir(parents=True, exist_ok=True)

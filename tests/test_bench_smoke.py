@@ -9,6 +9,7 @@ machine must not fail these tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is not installed: it is imported from the checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import fleet, loadgen, procstat, reference_server  # noqa: E402
+from benchmarks import fleet, loadgen, pg_figure, procstat, reference_server  # noqa: E402
 from benchmarks.fleet import Fleet  # noqa: E402
 from benchmarks.loadgen import LoadError  # noqa: E402
+from conftest import need_postgres  # noqa: E402
 from benchmarks.run import (  # noqa: E402
     Bench, SMOKE, ServerStartError, _env, check, gc_report, merge_results, settle_rss, terminate, vm_spec,
 )
@@ -529,8 +531,87 @@ def test_a_suite_killed_midway_leaves_no_process_behind(tmp_path: Path, sig: int
                 os.kill(k, signal.SIGKILL)
 
 
+def _postmaster(under: Path) -> tuple[int, Path] | None:
+    """(pid, data directory) of the cluster a figure 13 started under ``under``, once it runs."""
+    for pidfile in under.glob("vmbench-13-*/pg/data/postmaster.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(pidfile.read_text().split("\n", 1)[0]), pidfile.parent.resolve()
+    return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_suite_killed_midway_leaves_no_postgresql_behind(tmp_path: Path, sig: int) -> None:
+    """Figure 13's PostgreSQL, which pg_ctl detaches from the suite, stops too, and its data
+    directory goes: the suite stops it when it unwinds, its guard process after a SIGKILL."""
+    need_postgres()
+    pytest.importorskip("psycopg")
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--smoke", "--runs", "3", "--only", "13",
+                             "--out", str(tmp_path / "r.json")], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    cluster: list[int] = []
+    data: Path | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (all(any(what in _cmdline(k) for k in kids) for what in ("postgresql://", "pg_figure guard"))
+                   and (found := _postmaster(tmp_path)) is not None):
+            assert proc.poll() is None and time.monotonic() < deadline, "the figure never started its processes"
+            time.sleep(0.02)
+            kids = _children(proc.pid)
+        pid, data = found
+        cluster = [pid, *_children(pid)]  # the postmaster, its sessions (the servers'), its helpers
+        assert len(cluster) > 2 and data.is_dir()
+        proc.send_signal(sig)
+        assert proc.wait(30) == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not all(_gone(k) for k in kids + cluster) or data.exists():
+            assert time.monotonic() < deadline, ([(k, _cmdline(k)) for k in kids + cluster if not _gone(k)],
+                                                 data.exists())
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for k in kids + cluster:  # only if the test failed: nothing of ours may outlive it
+            if not _gone(k):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(k, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["stdin ends", "SIGTERM", "stopped, but it runs"])
+def test_the_guard_kills_the_cluster_when_the_suite_is_gone_or_did_not_stop_it(tmp_path: Path, how: str) -> None:
+    """The end of its stdin without "stopped" (the suite died), or SIGTERM (PR_SET_PDEATHSIG),
+    kills the cluster and removes the directories it was told of; "stopped" with the cluster
+    still running (the suite's stop failed) kills it too."""
+    need_postgres()
+    from vmserver.backends.pg_sandbox import Sandbox, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    assert bin_dir is not None
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    pg = Sandbox(tmp_path / "pg", durable=False, bin_dir=bin_dir)
+    try:
+        pg.start()
+        pid = pg.pid
+        assert pid is not None
+        guard = pg_figure.Guard(pg.root, bin_dir, _env(), tmp_path / "guard.log")
+        guard.remove(scratch)
+        if how == "SIGTERM":
+            guard.proc.send_signal(signal.SIGTERM)
+            assert guard.proc.wait(30) == 0
+        if how == "stopped, but it runs":
+            guard._say("stopped")
+        assert guard.close(stopped=False) == 0
+        assert _gone(pid) and not pg.running and not scratch.exists(), (tmp_path / "guard.log").read_text()
+    finally:
+        pg.cleanup()
+
+
 FIGURE_NAMES = {"health_pipelined", "small_reads", "durable_writes", "agent_lifecycle", "large_inventory",
-                "idle_sessions", "slow_disk_writes", "fairness", "memory", "subscribers", "gc_pauses", "fleet"}
+                "idle_sessions", "slow_disk_writes", "fairness", "memory", "subscribers", "gc_pauses", "fleet",
+                "postgres"}
 
 
 def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
@@ -543,11 +624,15 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     figures = results["figures"]
     assert set(figures) == FIGURE_NAMES, log
-    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 13))
+    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 14))
+    postgres = pg_figure.unavailable()
     for name, fig in figures.items():
         assert fig["available"] and fig["error"] is None, (name, fig["error"])
         if name == "slow_disk_writes" and not (shutil.which("cc") or shutil.which("gcc")):
             assert fig["not_available"] and "C compiler" in fig["not_available"][0]
+            continue
+        if name == "postgres" and postgres is not None:  # skipped, in one line
+            assert fig["not_available"] == [postgres] and not fig["rows"], fig
             continue
         assert fig["rows"] and fig["runs"], name
         if name == "durable_writes":
@@ -575,6 +660,15 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     assert fl["exit_status"] == 0 and fl["shutdown_events"] == fl["agents"]
     assert fl["closed_by_server_at_exit"] == fl["agents"]
     assert fl["events_received"] + fl["events_dropped"] == fl["events_expected"] == 2 * fl["agents"] * fl["subscribers"]
+    if postgres is None:
+        pg = figures["postgres"]["metrics"]
+        assert pg["reads_health"]["postgres_requests_per_s"] > 0 and pg["reads_get_all_vms"]["sqlite_requests_per_s"] > 0
+        assert pg["writes"]["postgres_rate_per_s"] > 0 and pg["writes"]["sqlite_rate_per_s"] > 0
+        assert pg["writes"]["writes_per_commit"]["postgres"] >= 1.0
+        assert pg["floor"]["floor_threads"]["inserts_per_s"] > 0 and pg["floor"]["best_inserts_per_s"] > 0
+        assert pg["stored"]["floor_rows"] > 0
+    else:
+        need_postgres()  # where PostgreSQL is required (CI), its figure must not be skipped
     assert "health pipelined" in proc.stdout.decode()  # the table was printed
     # --merge replaces only the figures run now.
     again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "1", "--merge", "--out",
