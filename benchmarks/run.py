@@ -512,8 +512,7 @@ def fig_small_reads(b: Bench, fig: Figure) -> None:
                      f"reference answers get_all_vms with a constant list of {s.small_vms} VM records it json.dumps each time")
 
 
-def _small_reads(b: Bench, servers: dict[str, ServerProc], stored: Sequence[str],
-                 interference: bool = True) -> list[dict[str, Any]]:
+def _small_reads(b: Bench, servers: dict[str, ServerProc], stored: Sequence[str]) -> list[dict[str, Any]]:
     """Figure 2's workload on each of ``servers`` (those named in ``stored`` are given the
     small_vms VMs first): per run, ``{name}_{cmd}`` for each server and command."""
     s = b.s
@@ -531,7 +530,7 @@ def _small_reads(b: Bench, servers: dict[str, ServerProc], stored: Sequence[str]
             for name in order(run, list(servers)):
                 server = servers[name]
                 m = measure(server, lambda: loadgen.concurrent(server.port, cmd, total=n, connections=s.connections,
-                                                               timeout=s.timeout), n, interference)
+                                                               timeout=s.timeout), n)
                 entry[f"{name}_{cmd}"] = m.per_request(n)
         runs.append(entry)
     return runs
@@ -1633,7 +1632,7 @@ def fig_postgres(b: Bench, fig: Figure) -> None:
             b.close()  # the servers before their database
 
 
-def _postgres_figure(b: Bench, fig: Figure, pg: Any) -> None:
+def _postgres_figure(b: Bench, fig: Figure, pg: pg_figure.Sandbox) -> None:
     s = b.s
     pair = ("postgres", "sqlite")
     # (a) Figure 2's reads: both servers answer from memory.
