@@ -334,3 +334,39 @@ async def test_copy_into_a_postgresql_database_that_holds_vms_is_refused(spawn, 
     assert "already holds VMs" in copied.stderr and "s3cret" not in copied.stderr
     dbname = pg_dsn.rsplit("/", 1)[1]
     assert pg_sandbox.psql("SELECT string_agg(vm_id, ',') FROM vms", db=dbname).strip() == "theirs"
+
+
+# --- where the password comes from ------------------------------------------------------------
+
+
+def test_the_password_from_pgpassword_or_pgpass_never_shown(spawn, own_pg: Sandbox, tmp_path, monkeypatch):
+    """A PostgreSQL that checks passwords (scram): the DSN names no password; libpq takes it
+    from PGPASSWORD, or from ~/.pgpass; a wrong one is refused in one line, none is ever logged."""
+    secret = "pgpass-s3cret"
+    own_pg.psql(f"CREATE ROLE vm LOGIN PASSWORD '{secret}'; CREATE DATABASE inv OWNER vm")
+    hba = own_pg.data_dir / "pg_hba.conf"
+    hba.write_text("host all vm 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    own_pg.psql("SELECT pg_reload_conf()")
+    dsn = own_pg.dsn("inv", user="vm")
+    for name in ("PGPASSWORD", "PGPASSFILE"):  # the test's own environment must not lend one
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = {"HOME": str(home)}  # libpq looks for ~/.pgpass under $HOME
+
+    with_env = spawn("--port", "0", "--db", dsn, env={**bare, "PGPASSWORD": secret})
+    with_env.wait_listening()
+    assert with_env.stop() == 0
+
+    pgpass = home / ".pgpass"
+    pgpass.write_text(f"127.0.0.1:{own_pg.port}:inv:vm:{secret}\n")
+    pgpass.chmod(0o600)
+    with_file = spawn("--port", "0", "--db", dsn, env=bare)
+    with_file.wait_listening()
+    assert with_file.stop() == 0
+
+    wrong = spawn("--port", "0", "--db", dsn, env={**bare, "PGPASSWORD": "not-it"})
+    assert wrong.run_to_exit() == 1
+    assert 'password authentication failed for user "vm"' in wrong.log.decode()
+    for proc in (with_env, with_file, wrong):
+        assert secret not in proc.log.decode() and "not-it" not in proc.log.decode()
