@@ -154,8 +154,11 @@ SELECT d.disk_id, d.size, d.vm FROM unnest(%s::text[], %s::integer[], %s::bigint
 ORDER BY d.n
 RETURNING disk_id, id
 """
+# Ids in the rows' order (history ids are the order in which things happened): ORDER BY the ordinality.
 _HISTORY = ("INSERT INTO history (ts, vm_id, event, peer, reason, count) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[])")
+            "SELECT h.ts, h.vm_id, h.event, h.peer, h.reason, h.count "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[]) "
+            "WITH ORDINALITY AS h(ts, vm_id, event, peer, reason, count, n) ORDER BY h.n")
 
 Result = Callable[[], Any]  # reads a write's result once the pipeline has been synced
 
