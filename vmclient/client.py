@@ -361,6 +361,8 @@ class Client:
                 await self._open_one(host, port, context)
             except ConnectError as exc:
                 failed.append(exc)
+                if len(failed) < len(order):
+                    log.info("%s; trying the next address", exc)
                 continue
             self._last_good = (host, port)
             return self
