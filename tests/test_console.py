@@ -121,6 +121,13 @@ BAD_SETTINGS = {  # name: (flags, environment, what the one line must name)
     "--port out of range": (("--port", "70000"), {}, ["--port", "70000"]),
     "--port negative": (("--port=-1",), {}, ["--port", "-1"]),
     "--host empty": (("--host", ""), {}, ["--host", "empty"]),
+    "--host not a port": (("--host", "127.0.0.1:notaport"), {}, ["--host", "not a port number", "'notaport'"]),
+    "--host port out of range": (("--host", "127.0.0.1:70000"), {}, ["--host", "65535", "70000"]),
+    "--host empty entry": (("--host", "127.0.0.1,,b"), {}, ["--host", "empty address", "'127.0.0.1,,b'"]),
+    "--host second bad": (("--host", "127.0.0.1", "--host", "[::1"), {}, ["--host", "'[::1'", "no closing ']'"]),
+    "VMSERVER_HOST not a port": ((), {"VMSERVER_HOST": "127.0.0.1:x"}, ["VMSERVER_HOST", "not a port number", "'x'"]),
+    "VMSERVER_HOST empty entry": ((), {"VMSERVER_HOST": "127.0.0.1,"}, ["VMSERVER_HOST", "empty address"]),
+    "VMSERVER_HOST no host": ((), {"VMSERVER_HOST": "127.0.0.1,:8888"}, ["VMSERVER_HOST", "':8888' has no host"]),
     "--timeout not a number": (("--timeout", "abc"), {}, ["--timeout", "'abc'"]),
     "--timeout zero": (("--timeout", "0"), {}, ["--timeout"]),
     "--timeout negative": (("--timeout=-1",), {}, ["--timeout"]),
@@ -170,6 +177,41 @@ def test_settings_from_the_environment(port):
     assert result.returncode == 0, result.stderr
     result = run_plain("--port", str(port), "health", env={"VMSERVER_PORT": "abc"})  # the flag wins, unchecked env
     assert result.returncode == 0, result.stderr
+
+
+def test_host_given_twice_reaches_the_second_when_the_first_is_dead(port):
+    dead = closed_port()
+    result = run_plain("--host", f"127.0.0.1:{dead}", "--host", f"127.0.0.1:{port}", "health")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == "OK"
+    assert_no_traceback(result.stderr)
+    # comma-separated in one flag, and an entry without a port takes --port
+    result = run_plain("--host", f"127.0.0.1:{dead},127.0.0.1", "--port", str(port), "health")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == "OK"
+
+
+def test_comma_separated_environment_host_reaches_the_second(port):
+    dead = closed_port()
+    result = run_plain("health", env={"VMSERVER_HOST": f"127.0.0.1:{dead}, 127.0.0.1:{port}"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == "OK"
+    result = run_plain("health", env={"VMSERVER_HOST": f"127.0.0.1:{dead},127.0.0.1", "VMSERVER_PORT": str(port)})
+    assert result.returncode == 0, result.stderr
+    result = run_plain("--host", f"127.0.0.1:{port}", "health",  # the flag wins over the environment
+                       env={"VMSERVER_HOST": f"127.0.0.1:{dead}"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_host_dead_is_one_line_naming_each():
+    first, second = closed_port(), closed_port()
+    result = run_plain("--host", f"127.0.0.1:{first}", "--host", f"127.0.0.1:{second}", "health")
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot connect to any of 2 servers"), result.stderr
+    assert f"127.0.0.1:{first}: " in lines[0] and f"127.0.0.1:{second}: " in lines[0], result.stderr
+    assert_no_traceback(result.stderr)
 
 
 def test_demo_unusable_port_is_one_line_and_exit_2():
@@ -471,6 +513,33 @@ def test_interactive_starts_without_server_and_connects_later(spawn, tmp_path):
         assert server.wait_listening() == port
         out = con.command("health", f"127.0.0.1:{port}> ")
         assert "OK" in out.splitlines(), out
+    finally:
+        con.close()
+
+
+def test_interactive_prompt_shows_the_server_reached_and_follows_it(spawn, tmp_path):
+    """Two servers: the first address is dead, so the prompt names the second; when that one
+    stops and the first comes up, the next command says so and the prompt names the first."""
+    port_a = closed_port()
+    b = spawn("--port", "0", "--db", str(tmp_path / "b.db"))
+    port_b = b.wait_listening()
+    con = PtyConsole(port_a, tmp_path, "--host", f"127.0.0.1:{port_b}")  # --host 127.0.0.1 --port A, then B
+    try:
+        out = con.expect(f"127.0.0.1:{port_b}> ")
+        assert f"connected to 127.0.0.1:{port_b} " in out, out
+        out = con.command("connect_vm vm_id=on-b ram=1 cpu=1 disks=[]", f"127.0.0.1:{port_b}> ")
+        assert re.search(r"^connected:\s+yes$", out, re.M), out
+
+        a = spawn("--port", str(port_a), "--db", str(tmp_path / "a.db"))
+        assert a.wait_listening() == port_a
+        assert b.stop() == 0
+        out = con.command("health", f"127.0.0.1:{port_a}> ")
+        assert f"connection to 127.0.0.1:{port_b} was lost" in out and "on-b" in out, out
+        assert f"reconnected to 127.0.0.1:{port_a} (a new session)" in out, out
+        assert "OK" in out.splitlines(), out
+        out = con.command("get_all_vms", f"127.0.0.1:{port_a}> ")  # a's database: b's VM is not there
+        assert "(no VMs)" in out, out
+        assert_no_traceback(clean(con.raw))
     finally:
         con.close()
 

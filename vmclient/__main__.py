@@ -15,10 +15,8 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from .client import DEFAULT_PORT
+from .client import DEFAULT_HOST, DEFAULT_PORT, parse_address
 from .console import Console, history_path, interactive, one_shot, script
-
-DEFAULT_HOST = "127.0.0.1"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +69,10 @@ def _parser() -> _Parser:
         "events until Ctrl-C (exit 0; 2 if the connection ends), 'history [VM_ID] [event=NAME] [limit=N]' the history. "
         "Exit status: 0 ok, 1 command error, 2 connection error or bad setting.",
     )
-    parser.add_argument("--host", type=_text, help=f"server address (default {DEFAULT_HOST}) [VMSERVER_HOST]")
+    parser.add_argument("--host", type=_text, action="append", metavar="HOST[:PORT]",
+                        help=f"server address (default {DEFAULT_HOST}), with its own port or --port's; "
+                        "give it again, or comma-separated, for several servers, tried in turn "
+                        "([IPv6]:PORT for IPv6 with a port) [VMSERVER_HOST, comma-separated]")
     parser.add_argument("--port", type=_port, help=f"server port (default {DEFAULT_PORT}) [VMSERVER_PORT]")
     parser.add_argument("--json", action="store_true",
                         help="print raw JSON results (the default when stdout is not a terminal)")
@@ -100,11 +101,27 @@ def _read_token(path: str) -> str:
     return token
 
 
+def _addresses(texts: Sequence[str], port: int) -> list[tuple[str, int]]:
+    """Each text split at commas into addresses, each with its own port or ``port``."""
+    out = []
+    for text in texts:
+        for entry in text.split(","):
+            if not entry.strip():
+                raise argparse.ArgumentTypeError(f"empty address in {text!r}")
+            try:
+                out.append(parse_address(entry, port))
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+    return out
+
+
 def _settings(argv: Sequence[str], environ: Mapping[str, str]) -> argparse.Namespace:
     """Flags over environment over defaults, each checked; exits with status 2 and one line on a bad one.
-    Adds ``token`` and ``tls`` (False, or a ready SSLContext)."""
+    Adds ``hosts`` (every (host, port) to try, in order), ``token`` and ``tls`` (False, or a ready
+    SSLContext)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    host_from = "--host" if args.host is not None else "environment variable VMSERVER_HOST"
     for name, env, check, default in _FROM_ENV:
         if getattr(args, name) is None:
             value = environ.get(env)
@@ -112,6 +129,10 @@ def _settings(argv: Sequence[str], environ: Mapping[str, str]) -> argparse.Names
                 setattr(args, name, check(value) if value else default)
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"environment variable {env}: {exc}")
+    try:
+        args.hosts = _addresses(args.host if isinstance(args.host, list) else [args.host], args.port)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{host_from}: {exc}")
     args.token = environ.get("VMSERVER_TOKEN") or None
     if args.token_file:
         try:
@@ -142,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: a bad setting is status 2, --help is 0
         return int(exc.code or 0)
     as_json = args.json or not sys.stdout.isatty()
-    console = Console(args.host, args.port, as_json=as_json, timeout=args.timeout, token=args.token, tls=args.tls)
+    console = Console(hosts=args.hosts, as_json=as_json, timeout=args.timeout, token=args.token, tls=args.tls)
     with asyncio.Runner() as runner:
         if args.command:
             return one_shot(console, runner, args.command)

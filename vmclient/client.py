@@ -16,6 +16,10 @@ Requests go to the socket one at a time, in call order, each whole and only once
 has room: a call's ``timeout`` covers waiting for that room as well as for the reply, and a
 request is never cut in half (see :meth:`Client.request`).
 
+A client may be given several server addresses (``hosts=``): connect() tries them in turn,
+starting from the one that worked last, so a reconnect after a lost connection reaches
+another server when that one is gone.
+
 Event lines (protocol.md, "Events") are set aside by the same reader into a bounded buffer
 while the session is subscribed, and handed out by :meth:`Client.events`; calls go on working
 meanwhile.
@@ -24,6 +28,7 @@ meanwhile.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
 import logging
@@ -43,6 +48,7 @@ from .errors import (
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
 MAX_REPLY = 256 * 1024 * 1024  # a 100,000-VM list is tens of MB on one line
 EVENT_BUFFER = 10_000  # events held for the application before the oldest are dropped
@@ -50,6 +56,78 @@ EVENT_NAMES = ("vm_added", "vm_updated", "vm_removed", "vm_connected", "vm_disco
                "vm_deauthorized", "auth_failed")
 """The event names ``subscribe`` takes (protocol.md); ``overflow`` and ``shutdown`` come unasked."""
 _DEFAULT: Any = object()  # "use the client's default timeout"
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """One server address as ``(host, port)``: ``host``, ``host:port``, ``[IPv6]``, ``[IPv6]:port``,
+    or a bare IPv6 address; without a port, ``default_port``. Surrounding blanks are ignored.
+
+    :raises ValueError: for an empty address or host, a port that is not a number from 1 to
+        65535, or a bracket left open (an IPv6 address with a port needs its brackets).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"an address is a str or a (host, port) tuple, not {type(text).__name__}")
+    spec = text.strip()
+    if not spec:
+        raise ValueError("empty address")
+    port_text: str | None = None
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"address {text!r}: no closing ']'")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"address {text!r}: only :PORT may follow ']'")
+            port_text = rest[1:]
+    elif spec.count(":") > 1:  # no brackets: a bare IPv6 address, never one with a port
+        try:
+            ipaddress.ip_address(spec)
+        except ValueError:
+            raise ValueError(f"address {text!r} is neither HOST:PORT nor an IPv6 address "
+                             "(an IPv6 address with a port is written [ADDRESS]:PORT)") from None
+        host = spec
+    else:
+        host, colon, rest = spec.partition(":")
+        port_text = rest if colon else None
+    if not host:
+        raise ValueError(f"address {text!r} has no host")
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"address {text!r}: not a port number: {port_text!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"address {text!r}: port must be from 1 to 65535, got {port}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (what :func:`parse_address` reads back)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addresses(hosts: Iterable[str | tuple[str, int]]) -> list[tuple[str, int]]:
+    """``hosts`` as a list of (host, port), each checked, duplicates dropped, the order kept."""
+    if isinstance(hosts, (str, bytes)):
+        raise TypeError('hosts takes a list of addresses, not one string: hosts=["host:port", ...]')
+    out: list[tuple[str, int]] = []
+    for entry in hosts:
+        if isinstance(entry, tuple):
+            if len(entry) != 2:
+                raise ValueError(f"address {entry!r}: a tuple must be (host, port)")
+            host, port = entry
+            if not isinstance(host, str) or type(port) is not int:
+                raise TypeError(f"address {entry!r}: a tuple must be (host: str, port: int)")
+            if not host:
+                raise ValueError(f"address {entry!r} has no host")
+            if not 1 <= port <= 65535:
+                raise ValueError(f"address {entry!r}: port must be from 1 to 65535, got {port}")
+            out.append((host, port))
+        else:
+            out.append(parse_address(entry))
+    if not out:
+        raise ValueError("hosts is empty: give at least one address")
+    return list(dict.fromkeys(out))
 
 
 class DiskSpec(TypedDict):
@@ -182,6 +260,11 @@ class EventStream:
 class Client:
     """A connection to a vmserver. Use ``async with Client(...) as c:`` or :func:`connect`.
 
+    :param host, port: the server (default 127.0.0.1:8888).
+    :param hosts: instead of ``host``/``port``, several servers: ``"host:port"``, ``"host"``
+        (port 8888), ``"[IPv6]:port"`` or ``(host, port)``; one given twice is tried once.
+        connect() tries each in turn (each within ``connect_timeout``), starting from the one
+        that worked last, and fails only when all fail; :attr:`address` says which one it reached.
     :param timeout: default seconds each call waits for its reply (None: forever).
     :param connect_timeout: seconds to connect and receive the greeting.
     :param max_reply: longest reply line accepted, in bytes.
@@ -191,16 +274,27 @@ class Client:
     :param cafile: PEM file of the CA (or the self-signed certificate) to trust for TLS.
     :param event_buffer: how many events :meth:`events` holds for the application before the
         oldest are dropped (then it yields one ``overflow`` event saying how many).
-    :raises ValueError: for an ``event_buffer`` below 1.
+    :raises ValueError: for an ``event_buffer`` below 1, an empty ``hosts`` or an address in
+        it that cannot be read (see :func:`parse_address`).
+    :raises TypeError: for ``hosts`` together with ``host`` or ``port``.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, timeout: float | None = 30.0,
+    def __init__(self, host: str | None = None, port: int | None = None, *,
+                 hosts: Iterable[str | tuple[str, int]] | None = None, timeout: float | None = 30.0,
                  connect_timeout: float = 10.0, max_reply: int = MAX_REPLY, token: str | None = None,
                  tls: bool | ssl.SSLContext = False, cafile: str | None = None,
                  event_buffer: int = EVENT_BUFFER) -> None:
         if not isinstance(event_buffer, int) or event_buffer < 1:
             raise ValueError(f"event_buffer must be an integer of at least 1, got {event_buffer!r}")
-        self.host, self.port = host, port
+        if hosts is not None:
+            if host is not None or port is not None:
+                raise TypeError("Client takes host/port or hosts, not both (put every address in hosts)")
+            self.addresses = _addresses(hosts)
+        else:  # the one address is checked when connecting, as it always was
+            self.addresses = [(DEFAULT_HOST if host is None else host, DEFAULT_PORT if port is None else port)]
+        self.host, self.port = self.addresses[0]  # the server in use (or to be tried first)
+        self._last_good: tuple[str, int] | None = None  # tried first on the next connect
+        self._where: str | None = None  # the address of the current (or last) connection
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_reply = max_reply
@@ -233,9 +327,14 @@ class Client:
         it starts a new connection and session: the old connection's reader and socket are
         cleaned up first, its event streams end, and nothing of its subscription is kept.
 
+        With several addresses, it tries the one that worked last first, then the others in
+        the order given, and stops at the first that greets (and takes the token).
+
         :raises ConnectError: when the server cannot be reached, does not greet like a
             protocol-1 vmserver (a greeting this client cannot read included), or refuses the
-            token; also for an address or ``cafile`` that cannot be used.
+            token; also for an address or ``cafile`` that cannot be used. With several
+            addresses, only when every one fails: its message names each with its reason,
+            and ``attempts`` holds each one's ConnectError in the order tried.
         """
         async with self._connecting:  # two connect() at once: one connection
             if self.connected:
@@ -245,17 +344,45 @@ class Client:
             return await self._open()
 
     async def _open(self) -> Client:
-        where = f"{self.host}:{self.port}"
+        """Try each address in turn (the last good one first); the first that works is kept."""
+        order = self.addresses
+        if self._last_good in order:
+            order = [self._last_good, *(a for a in order if a != self._last_good)]
         try:
-            context = self._ssl_context()
+            context = self._ssl_context()  # one for every address: the same TLS settings
         except OSError as exc:  # ssl.SSLError is one too
             reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
             what = f"cannot use CA file {self._cafile}" if self._cafile else "cannot set up TLS"
+            where = ", ".join(format_address(*a) for a in order)
             raise ConnectError(f"cannot connect to {where}: {what}: {reason}") from exc
+        failed: list[ConnectError] = []
+        for host, port in order:
+            try:
+                await self._open_one(host, port, context)
+            except ConnectError as exc:
+                failed.append(exc)
+                if len(failed) < len(order):
+                    log.info("%s; trying the next address", exc)
+                continue
+            self._last_good = (host, port)
+            return self
+        if len(failed) == 1:
+            raise failed[0]
+        reasons = "; ".join(str(exc).removeprefix("cannot connect to ") for exc in failed)
+        error = ConnectError(f"cannot connect to any of {len(failed)} servers: {reasons}")
+        error.attempts = tuple(failed)
+        raise error from failed[-1]
+
+    async def _open_one(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
+        """Connect to one address, read its greeting and present the token.
+
+        :raises ConnectError: naming the address and why.
+        """
+        where = format_address(host, port)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                self.host, self.port, limit=self.max_reply, ssl=context,
-                server_hostname=self.host if context else None), self.connect_timeout)
+                host, port, limit=self.max_reply, ssl=context,
+                server_hostname=host if context else None), self.connect_timeout)
         except asyncio.TimeoutError as exc:
             raise ConnectError(f"cannot connect to {where}: timed out after {self.connect_timeout}s") from exc
         except ssl.SSLError as exc:
@@ -273,6 +400,7 @@ class Client:
             writer.close()
             raise
         self.server_info = hello
+        self.host, self.port, self._where = host, port, where
         self._reader, self._writer, self._lost = reader, writer, None
         self._sending = asyncio.Lock()
         self._generation += 1  # a new session: nothing subscribed, nothing buffered
@@ -289,7 +417,6 @@ class Client:
             except ClientError as exc:
                 await self.close()
                 raise ConnectError(f"{where} did not accept the token: {exc}") from exc
-        return self
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if isinstance(self._tls, ssl.SSLContext):
@@ -327,6 +454,12 @@ class Client:
     def connected(self) -> bool:
         """True from connect() until the connection is lost (as far as the reader has seen) or closed."""
         return self._writer is not None and self._lost is None
+
+    @property
+    def address(self) -> str | None:
+        """The server in use, as ``host:port`` (``[IPv6]:port``): that of the current connection,
+        or of the last one once it is lost or closed; None before the first connect."""
+        return self._where
 
     @property
     def commands(self) -> list[str]:
@@ -469,7 +602,7 @@ class Client:
             raise again
         if writer is None:
             raise ConnectionLost("not connected: call connect() first")
-        raise ConnectionLost(f"connection to {self.host}:{self.port} lost before the request was sent")
+        raise ConnectionLost(f"connection to {self._where} lost before the request was sent")
 
     # --- the reader -----------------------------------------------------------------
 
@@ -489,7 +622,7 @@ class Client:
         except (ProtocolViolation, ConnectionError, OSError) as exc:
             cause = exc
         except Exception as exc:  # a bug here must not leave calls waiting on a dead reader
-            log.exception("reading replies from %s:%s failed", self.host, self.port)
+            log.exception("reading replies from %s failed", self._where)
             cause = exc
         self._connection_lost(cause, writer)
 
@@ -532,7 +665,7 @@ class Client:
 
     def _on_event(self, message: dict[str, Any]) -> None:
         if message.get("event") == "shutdown":
-            log.info("server %s:%s is shutting down", self.host, self.port)
+            log.info("server %s is shutting down", self._where)
         elif self._subscription is None:
             return  # not subscribed (or no longer): nobody asked for it
         if len(self._events) >= self.event_buffer:
@@ -567,7 +700,7 @@ class Client:
         trusted with them), and let the event streams finish."""
         if self._lost is not None or writer is None or writer is not self._writer:
             return
-        why = f"connection to {self.host}:{self.port} lost"
+        why = f"connection to {self._where} lost"
         if cause is not None:
             why += f": {cause}"
         lost = ConnectionLost(why)
@@ -760,9 +893,9 @@ def _present(**args: Any) -> dict[str, Any]:
     return {k: v for k, v in args.items() if v is not None}
 
 
-async def connect(host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any) -> Client:
-    """A connected :class:`Client` (close it with ``await c.close()``).
+async def connect(host: str | None = None, port: int | None = None, **options: Any) -> Client:
+    """A connected :class:`Client` (close it with ``await c.close()``); ``hosts=[...]`` for several servers.
 
-    :raises ConnectError: when the server cannot be reached.
+    :raises ConnectError: when the server (every one of them) cannot be reached.
     """
     return await Client(host, port, **options).connect()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import render
-from .client import EVENT_NAMES, Client, redact
+from .client import DEFAULT_HOST, DEFAULT_PORT, EVENT_NAMES, Client, format_address, redact
 from .commands import COMMANDS
 from .errors import ClientError, CommandError, ConnectError, ConnectionLost
 
@@ -162,11 +162,13 @@ def _split(text: str) -> list[str]:
 
 
 class Console:
-    """One console session: a connection that comes back on the next command after it drops."""
+    """One console session: a connection that comes back on the next command after it drops
+    (to another server, when given several ``hosts``: see :class:`Client`)."""
 
-    def __init__(self, host: str, port: int, *, as_json: bool, out: TextIO = sys.stdout,
+    def __init__(self, host: str | None = None, port: int | None = None, *,
+                 hosts: list[tuple[str, int]] | None = None, as_json: bool, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr, timeout: float | None = 60.0, **client_options: Any) -> None:
-        self.host, self.port = host, port
+        self.host, self.port, self.hosts = host, port, hosts
         self.client_options = client_options  # token, tls, cafile: see Client
         self.as_json = as_json
         self.out, self.err = out, err
@@ -180,7 +182,11 @@ class Console:
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The server connected to (or last connected to); before any, the address(es) to try."""
+        if self.client is not None and self.client.address is not None:
+            return self.client.address
+        addresses = self.hosts or [(self.host or DEFAULT_HOST, self.port or DEFAULT_PORT)]
+        return ", ".join(format_address(*a) for a in addresses)
 
     def prompt(self) -> str:
         return f"{self.where}> " if self.client is not None and self.client.connected else "not connected> "
@@ -194,7 +200,8 @@ class Console:
         """
         client = self.client
         if client is None:
-            client = self.client = Client(self.host, self.port, timeout=self.timeout, **self.client_options)
+            client = self.client = Client(self.host, self.port, hosts=self.hosts, timeout=self.timeout,
+                                          **self.client_options)
         else:
             for _ in range(3):  # let the reader notice a connection that closed while we waited
                 await asyncio.sleep(0)

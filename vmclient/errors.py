@@ -3,7 +3,8 @@
 ::
 
     ClientError
-     +-- ConnectError        cannot connect (``__cause__`` keeps the OSError)
+     +-- ConnectError        cannot connect (``__cause__`` keeps the OSError; with several
+                             addresses, ``.attempts`` keeps each one's ConnectError)
      +-- ConnectionLost      the connection dropped; every pending and later call fails with it
      +-- CallTimeout         a call's ``timeout=`` ran out, sending included (also a TimeoutError)
      +-- ProtocolViolation   the server sent something protocol v1 does not allow (it ends the
@@ -24,7 +25,13 @@ class ClientError(Exception):
 
 
 class ConnectError(ClientError):
-    """The server could not be reached or did not greet as a vmserver."""
+    """The server could not be reached or did not greet as a vmserver.
+
+    :ivar attempts: when a client with several addresses tried them all, each one's
+        ConnectError in the order tried (the message names each too); else empty.
+    """
+
+    attempts: tuple[ConnectError, ...] = ()
 
 
 class ConnectionLost(ClientError):
