@@ -839,6 +839,28 @@ async def test_a_write_with_no_answer_is_cut_off(pg_sandbox: Sandbox, pg_dsn: st
     assert vm_names(pg_sandbox, pg_dsn)[:1] == ["a"] and "b" not in vm_names(pg_sandbox, pg_dsn)
 
 
+async def test_a_history_read_with_no_answer_fails_in_time(pg_sandbox: Sandbox, pg_dsn: str, proxy: Proxy) -> None:
+    """PostgreSQL hangs under a get_history: the read fails after its deadline (the session is
+    answered internal, not left waiting), and reads work again once PostgreSQL answers."""
+    async with running(proxy.dsn(pg_dsn)) as store:
+        store.read_deadline = 0.5
+        await write(store, "add a", add("a"), (row("a"),))
+        assert [r[2] for r in await store.read_history(None, None, None, None, 10)] == ["a"]
+        proxy.hung = True
+        with pytest.raises(StorageError, match="read history failed: no answer within 0.5s"):
+            await asyncio.wait_for(store.read_history("a", None, None, None, 10), WAIT)
+        proxy.hung = False
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                rows = await store.read_history("a", None, None, None, 10)
+                break
+            except StorageError:
+                assert time.monotonic() < deadline, "reads did not come back"
+                await asyncio.sleep(0.1)
+        assert [r[2] for r in rows] == ["a"]
+
+
 async def test_another_server_that_came_and_went_meanwhile_stops_writing(pg_sandbox: Sandbox, pg_dsn: str,
                                                                          proxy: Proxy) -> None:
     called = asyncio.Event()

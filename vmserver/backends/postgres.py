@@ -63,6 +63,7 @@ MIGRATE_KEY = _key("vmserver migrate")  # held by the transaction that creates o
 PING_INTERVAL = 1.0  # an idle primary is pinged this often: losing it is losing the lock
 PING_TIMEOUT = 2.0  # a ping unanswered this long is a lost connection (a hung peer answers keepalives)
 BATCH_DEADLINE = 15.0  # a batch unanswered this long is cut off (PostgreSQL's own timeouts are shorter)
+READ_DEADLINE = 15.0  # a get_history with no answer for this long fails (a hung PostgreSQL)
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0  # reconnect attempts, doubling in between
 RESOLVE_WAIT = 5.0  # how long a commit whose reply was lost waits for the reconnect that answers it
 READERS = 4  # history reads running at once; more wait their turn (never in the writer's queue)
@@ -346,6 +347,7 @@ class PostgresStore(Committed):
         self.on_fatal: Callable[[str], Any] | None = None  # set by the owner before start(); called on the loop
         self.resolve_wait = RESOLVE_WAIT
         self.batch_deadline = BATCH_DEADLINE
+        self.read_deadline = READ_DEADLINE
         self._loop: asyncio.AbstractEventLoop | None = None
         # The primary: used by whoever holds _conn_lock (the writer, the watchdog, load/snapshot).
         self._conn_lock = threading.Lock()
@@ -521,8 +523,13 @@ class PostgresStore(Committed):
 
     async def read_history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                            limit: int) -> list[StoredHistoryRow]:
-        return await asyncio.wrap_future(self.readers.submit("read history", read_history, vm_id, event, since,
-                                                             before, limit))
+        reading = self.readers.submit("read history", read_history, vm_id, event, since, before, limit)
+        try:  # a stopped PostgreSQL answers keepalives and runs no timeout: the session must not wait forever
+            return await asyncio.wait_for(asyncio.wrap_future(reading), self.read_deadline)
+        except asyncio.TimeoutError:
+            self.readers.cut(self.read_deadline)  # frees its thread: the read fails there too
+            raise StorageError(f"database {self.label}: read history failed: no answer within "
+                               f"{self.read_deadline:g}s") from None
 
     def _read(self, what: str, fn: Callable[[psycopg.Connection], T]) -> T:
         """``fn`` in one REPEATABLE READ, read-only transaction (one snapshot) on the primary."""
@@ -956,6 +963,7 @@ class Readers:
         self._local = threading.local()
         self._guard = threading.Lock()
         self.connections: list[psycopg.Connection] = []  # every one open, for close()
+        self._busy: dict[psycopg.Connection, float] = {}  # reading now: since when
 
     def submit(self, what: str, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(conn, *args)`` on a reader thread. :raises StorageError: (through the future)."""
@@ -977,7 +985,13 @@ class Readers:
                     self.connections.append(conn)
                 self._local.conn = conn
             try:
-                return fn(conn, *args)
+                with self._guard:
+                    self._busy[conn] = time.monotonic()
+                try:
+                    return fn(conn, *args)
+                finally:
+                    with self._guard:
+                        self._busy.pop(conn, None)
             except psycopg.Error as exc:
                 if not _broken(conn):
                     raise StorageError(f"database {store.label}: {what} failed: {store._reason(exc)}") from None
@@ -986,6 +1000,16 @@ class Readers:
                 if attempt:  # a connection that died while idle (a restart) gets one new try: reads change nothing
                     raise StorageError(f"database {store.label}: {what} failed: {store._reason(exc)}") from None
         raise AssertionError("unreachable")
+
+    def cut(self, older_than: float) -> None:
+        """Shut the sockets of reads running for ``older_than`` seconds or more (no answer from a
+        hung PostgreSQL): each fails at once and its thread is free again."""
+        now = time.monotonic()
+        with self._guard:
+            stuck = [conn for conn, since in self._busy.items() if now - since >= older_than]
+        for conn in stuck:
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _forget(self, conn: psycopg.Connection) -> None:
         conn.close()
