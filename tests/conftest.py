@@ -28,6 +28,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 import vmclient
+from vmserver.backends import is_postgres
 from vmserver.backends.pg_sandbox import Sandbox, find_bin_dir
 from vmserver.config import Config
 from vmserver.server import Server, start_server
@@ -150,15 +151,17 @@ def db_path(tmp_path: Path) -> str:
 
 
 def query(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` (``?`` placeholders) read straight from the database, on either backend."""
-    if db.startswith(("postgresql://", "postgres://")):
+    """Run ``sql`` (``?`` placeholders) straight on the database, on either backend, behind the
+    server's back, committed; its rows (none for a write)."""
+    if is_postgres(db):
         import psycopg
 
-        with psycopg.connect(db) as conn:
-            return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), params).fetchall()]
+        with psycopg.connect(db, autocommit=True) as conn:
+            cur = conn.execute(sql.replace("?", "%s"), params)
+            return [tuple(row) for row in cur.fetchall()] if cur.description else []
     import sqlite3
 
-    with contextlib.closing(sqlite3.connect(db)) as conn:
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         return conn.execute(sql, params).fetchall()
 
 

@@ -79,8 +79,8 @@ async def test_clashes_only_the_database_sees_are_already_exists_and_conflict(in
     await inventory.add("mine", 64, 1, (), None)
     await inventory.settle()
     vm_pk = query(db, "SELECT id FROM vms WHERE vm_id = 'mine'")[0][0]
-    query_write(db, "INSERT INTO vms (vm_id, ram, cpu, created_at) VALUES ('ghost', 1, 1, 'x')")
-    query_write(db, f"INSERT INTO disks (disk_id, size, vm_id) VALUES ('ghost-disk', 1, {vm_pk})")
+    query(db, "INSERT INTO vms (vm_id, ram, cpu, created_at) VALUES ('ghost', 1, 1, 'x')")
+    query(db, "INSERT INTO disks (disk_id, size, vm_id) VALUES ('ghost-disk', 1, ?)", (vm_pk,))
     before = bytes(inventory.all_vms_json()), bytes(inventory.all_disks_json())
     with pytest.raises(CommandError) as info:
         await inventory.add("ghost", 64, 1, (), None)
@@ -92,22 +92,6 @@ async def test_clashes_only_the_database_sees_are_already_exists_and_conflict(in
     assert not inventory.exists("ghost") and not inventory.exists("other")
     # The names are free in memory again (nothing left reserved), and the next write goes through.
     assert (await inventory.add("after", 64, 1, (DiskSpec("after-disk", 1),), None)).vm_id == "after"
-
-
-def query_write(db: str, sql: str) -> None:
-    if db.startswith("postgres"):
-        import psycopg
-
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute(sql)
-    else:
-        import sqlite3
-
-        conn = sqlite3.connect(db, isolation_level=None)
-        try:
-            conn.execute(sql)
-        finally:
-            conn.close()
 
 
 async def test_memory_matches_a_fresh_load_after_every_kind_of_write(db):
