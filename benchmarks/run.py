@@ -753,17 +753,16 @@ def inventory_records(vms: list[tuple], disks: list[tuple]) -> list[dict[str, An
 
 
 def build_db(path: Path, vms: list[tuple], disks: list[tuple]) -> None:
-    """The schema from our own Store, then every row in one plain sqlite3 transaction."""
-    from vmserver.backends.sqlite import Store
+    """Every row in one transaction by the SQLite backend's restore (what `vmserver copy` uses);
+    closing it checkpoints the WAL into the file."""
+    from vmserver.backends.base import Snapshot
+    from vmserver.backends.sqlite import SQLiteStore
 
-    Store(str(path)).close()
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.execute("BEGIN")
-        db.executemany("INSERT INTO vms (id, vm_id, ram, cpu, password_hash, last_connected, created_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)", vms)
-        db.executemany("INSERT INTO disks (id, disk_id, size, vm_id) VALUES (?, ?, ?, ?)", disks)
-        db.execute("COMMIT")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store = SQLiteStore(str(path))
+    try:
+        store.restore(Snapshot(vms, disks, []))
+    finally:
+        store.close()
 
 
 class Prober:

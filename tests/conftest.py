@@ -302,22 +302,19 @@ def spawn() -> Iterator[Any]:
 
 def build_inventory(path: str, n: int, disks_per_vm: int = 1, prefix: str = "vm") -> None:
     """A database holding ``n`` VMs named ``{prefix}-000001``... (each with its disks), written in
-    one plain sqlite3 transaction after our Store created the schema: fast enough for 100,000."""
-    import sqlite3
+    one transaction by the SQLite backend's restore (what `vmserver copy` uses): fast enough for 100,000."""
+    from vmserver.backends.base import Snapshot
+    from vmserver.backends.sqlite import SQLiteStore
 
-    from vmserver.backends.sqlite import Store
-
-    Store(path).close()
     ts = "2026-11-26T21:26:13.902Z"
     vms = [(i, f"{prefix}-{i:06d}", 1024, 1 + i % 4, None, None, ts) for i in range(1, n + 1)]
     disks = [(disks_per_vm * (i - 1) + k + 1, f"{prefix}-{i:06d}-d{k}", 10 + k, i)
              for i in range(1, n + 1) for k in range(disks_per_vm)]
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.execute("BEGIN")
-        db.executemany("INSERT INTO vms (id, vm_id, ram, cpu, password_hash, last_connected, created_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)", vms)
-        db.executemany("INSERT INTO disks (id, disk_id, size, vm_id) VALUES (?, ?, ?, ?)", disks)
-        db.execute("COMMIT")
+    store = SQLiteStore(path)
+    try:
+        store.restore(Snapshot(vms, disks, []))
+    finally:
+        store.close()
 
 
 def rss_kb(pid: int) -> int:
