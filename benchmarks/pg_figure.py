@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -180,29 +181,49 @@ def _leftover(root: Path, bin_dir: Path, remove: list[Path], wait: float) -> Non
 
 
 def guard_main(root: Path, bin_dir: Path) -> int:
+    """Read the suite's instructions until its stdin ends or SIGTERM (PR_SET_PDEATHSIG: the suite
+    has died) comes, then clean up. The signal only wakes the loop (a wake-up fd), never raises
+    in it, so no instruction already sent is lost between being read and being heeded."""
     # Ctrl-C reaches the whole process group: the suite then stops the cluster and tells us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def gone(signum: int, frame: object) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, gone)  # PR_SET_PDEATHSIG: the suite has died
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the wake-up fd says it came
+    stdin = sys.stdin.fileno()
     remove: list[Path] = []
-    stopped = False
-    print("ready", flush=True)
-    try:
-        for raw in sys.stdin.buffer:
-            line = raw.decode(errors="replace").rstrip("\n")
+    stopped = died = False
+    pending = b""
+
+    def heard(data: bytes) -> None:
+        nonlocal pending, stopped
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
             if line.startswith("remove "):
                 remove.append(Path(line[len("remove "):]))
             elif line == "stopped":
                 stopped = True
-    except SystemExit:
-        stopped = False
+
+    try:
+        print("ready", flush=True)
+        while not died:
+            readable = select.select([stdin, wake_r], [], [])[0]
+            if wake_r in readable:  # the suite died: what it wrote before that still counts
+                died = True
+                os.set_blocking(stdin, False)
+            with contextlib.suppress(BlockingIOError):
+                while data := os.read(stdin, 65536):
+                    heard(data)
+                    if not died:
+                        break
+                else:
+                    break  # end of stdin
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # Stopped by the suite: look once. Else a start may have been under way: watch a while.
-        _leftover(root, bin_dir, remove, wait=0.0 if stopped else 2.0)
+        _leftover(root, bin_dir, remove, wait=0.0 if stopped and not died else 2.0)
     return 0
 
 
