@@ -11,5 +11,5 @@ from vmserver.backends.sqlite import Store
 
 def calls_committer(store: Store, max_batch: int = DEFAULT_MAX_BATCH) -> GroupCommitter:
     def execute(jobs: list[Any]) -> list[Any]:
-        return store.write_batch([(what, call[0], tuple(call[1:])) for what, call, _ in jobs])
+        return store.write_batch([(what, call[0], tuple(call[1:])) for what, call, *_ in jobs])
     return GroupCommitter(store.path, execute, max_batch)

@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
+
 import vmserver.backends.sqlite as sql
 from conftest import TIMEOUT, Wire, disk, running, vm_args
 from vmserver.config import Config
@@ -725,6 +727,7 @@ async def test_a_listening_subscriber_is_not_idle(db):
             await w.close()
 
 
+@pytest.mark.sqlite_only  # shared presence (PostgreSQL) is written first: see test_cluster.py
 async def test_presence_changes_after_the_writer_stopped_are_answered_as_made(db, caplog):
     """A presence change is made in memory first, then journaled. Once the writer takes no more
     rows (as at the very end of a shutdown), the change stays made and is answered as made; the

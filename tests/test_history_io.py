@@ -299,8 +299,7 @@ async def test_a_held_reader_holds_up_only_reads_beyond_the_bound(big_db):
             await w.send({"cmd": "get_history", "args": {"limit": 1}, "id": "late"})
             await wait_until(lambda: held.queued() == 1, "the extra read is queued")
             assert len(await other.ok("get_all_vms")) == 0
-            assert await other.ok("stats") == {"vms": 0, "connected": 0, "authorized": 0, "disks": 0, "ram": 0,
-                                               "cpu": 0, "disk_size": 0}
+            assert (await other.ok("stats"))["disk_size"] == 0
             assert held.queued() == 1
         finally:
             await held.release()

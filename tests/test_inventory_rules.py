@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
@@ -14,6 +14,7 @@ from vmserver.backends import open_store
 from vmserver.errors import CommandError, ErrorCode, StorageError
 from vmserver.inventory import Inventory
 from vmserver.presence import session_key
+from vmserver.records import VM
 from vmserver.validation import DiskSpec
 
 from conftest import query
@@ -40,6 +41,11 @@ async def reloaded(db: str) -> tuple[bytes, bytes]:
         inv.store.close()
 
 
+async def done(change: VM | Awaitable[VM]) -> VM:
+    """A presence change's VM: at once (local presence), or once committed (shared)."""
+    return change if isinstance(change, VM) else await change
+
+
 def code(info: pytest.ExceptionInfo[CommandError]) -> str:
     return info.value.code.value
 
@@ -55,19 +61,20 @@ async def test_presence_is_by_session_key(inventory):
     assert (await inventory.connect("vm", a)) is vm  # idempotent for its holder
     for rule in (lambda: inventory.authorize("vm", b), lambda: inventory.disconnect("vm", b)):
         with pytest.raises(CommandError) as info:
-            rule()
+            await done(rule())
         assert code(info) == "not_connected"
     with pytest.raises(CommandError) as info:
         await inventory.update("vm", a, 128, None, None)
     assert code(info) == "not_authorized"
-    inventory.authorize("vm", a)
+    await done(inventory.authorize("vm", a))
     with pytest.raises(CommandError) as info:
-        inventory.deauthorize("vm", b)
+        await done(inventory.deauthorize("vm", b))
     assert code(info) == "not_authorized"
     with pytest.raises(CommandError) as info:
         await inventory.remove("vm")
     assert code(info) == "conflict"
     assert inventory.release(a) == ["vm"]
+    await inventory.settle()  # shared presence: the release is a write
     assert vm.holder is None and not vm.authorized and a.vms == set()
     await inventory.connect("vm", b)  # free for another session now
     assert json.loads(inventory.connected_vms_json())[0]["vm_id"] == "vm"
@@ -103,8 +110,8 @@ async def test_memory_matches_a_fresh_load_after_every_kind_of_write(db):
         await inv.add("vm-b", 2048, 2, (DiskSpec("b1", 5),), "scrypt$fakehash")
         await inv.add("vm-c", 1, 1, (), None)
         await inv.connect("vm-b", s2)
-        inv.authorize("vm-a", s1)
-        inv.authorize("vm-b", s2)
+        await done(inv.authorize("vm-a", s1))
+        await done(inv.authorize("vm-b", s2))
         await inv.update("vm-a", s1, 4096, None, (DiskSpec("a2", 25), DiskSpec("a3", 7)))  # drop, resize, add
         await inv.update("vm-b", s2, None, 4, (DiskSpec("b1", 5), DiskSpec("a1", 99)))  # a1 is free again
         await inv.remove("vm-c")

@@ -102,7 +102,7 @@ def check(inv: Inventory, rng: random.Random) -> None:
     assert json.loads(joined(inv.connected_vms_json())) == want["connected"]
     assert json.loads(joined(inv.authorized_vms_json())) == want["authorized"]
     assert json.loads(joined(inv.all_disks_json())) == want["disks"]
-    assert json.loads(inv.stats_json()) == want["stats"]
+    assert {k: v for k, v in json.loads(inv.stats_json()).items() if k not in ("server_id", "servers")} == want["stats"]
     after = rng.choice([0] + [r["id"] for r in want["vms"]])
     limit = rng.choice([1, 3, 1000, None])
     connected, authorized = rng.choice([None, True, False]), rng.choice([None, True, False])

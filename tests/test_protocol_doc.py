@@ -86,8 +86,12 @@ def parse_blocks(text: str) -> list[Block]:
     return blocks
 
 
+_SERVER = re.compile(r'"(server_id|host)":"[^"]*"|"pid":\d+')
+
+
 def normalize(line: str) -> str:
-    line = _TIMESTAMP.sub('"<timestamp>"', line.strip())
+    line = _SERVER.sub(lambda m: f'"{m.group(1) or "pid"}":"<{m.group(1) or "pid"}>"', line.strip())
+    line = _TIMESTAMP.sub('"<timestamp>"', line)
     return _PEER.sub('"peer":"127.0.0.1:<port>"', _VERSION.sub('"version":"*"', line))
 
 

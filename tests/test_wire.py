@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import vmserver
+from vmserver.presence import SERVER_ID
 from vmserver.commands import COMMANDS
 from vmserver.config import Config
 from vmserver.server import Server, start_server
@@ -130,7 +131,8 @@ async def test_greeting_line_exact(server: Server) -> None:
     try:
         commands = ",".join(f'"{name}"' for name in list(COMMANDS))
         expected = ('{"hello":{"server":"vmserver","version":"' + vmserver.__version__
-                    + '","protocol":1,"commands":[' + commands + '],"auth_required":false}}\n').encode()
+                    + '","protocol":1,"commands":[' + commands + '],"auth_required":false,"server_id":"'
+                    + SERVER_ID + '"}}\n').encode()
         assert greeting == expected
         assert json.loads(greeting)["hello"]["commands"] == [
             "add_vm", "connect_vm", "authorize_vm", "deauthorize_vm", "update_vm", "disconnect_vm",

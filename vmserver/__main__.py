@@ -14,6 +14,7 @@ from .backends import mask_dsn
 from .config import Config, parse_config
 from .console import ServerConsole
 from .errors import StorageError
+from .presence import SERVER_ID
 from .server import TLSConfigError, start_server
 
 log = logging.getLogger("vmserver")
@@ -41,14 +42,6 @@ async def serve(config: Config) -> int:
     except OSError as exc:
         log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), mask_dsn(config.db))
         return 1
-    lost: list[str] = []
-
-    def store_lost(line: str) -> None:  # the store cannot go on (another server took the database)
-        log.error("stopping: %s", line)
-        lost.append(line)
-        stop.set()
-
-    server.inventory.store.on_fatal = store_lost
     # The loaded inventory lives as long as the server, and so do most sessions: keep the cyclic
     # GC from walking them (a full collection over 100,000 VMs stalls the loop for ~90 ms).
     pauses = gc_tuning.PauseWatch()
@@ -59,8 +52,8 @@ async def serve(config: Config) -> int:
     extras = [name for name, on in (("TLS", config.tls_cert), ("token required", config.token),
                                     ("passwords required", config.require_passwords)) if on]
     extras.append(f"up to {server.max_sessions} sessions + {config.local_reserve} local")
-    log.info("vmserver %s listening on %s (db: %s%s)", __version__, _show(host, port), server.inventory.store.label,
-             "".join(f"; {e}" for e in extras))
+    log.info("vmserver %s listening on %s (server id %s; db: %s%s)", __version__, _show(host, port), SERVER_ID,
+             server.inventory.store.label, "".join(f"; {e}" for e in extras))
     console = None
     if config.console:
         if sys.stdin.isatty():
@@ -78,7 +71,7 @@ async def serve(config: Config) -> int:
     pauses.remove()
     log.info("%s", pauses.summary())
     log.info("stopped")
-    return 1 if lost else 0
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,9 @@ event feed then hears (None: nothing to announce).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from .backends.base import DiskRow, VMRow
 
@@ -50,4 +51,57 @@ class PresenceChanged:
     reason: str | None = None
 
 
-Change = Union[VMAdded, VMUpdated, VMRemoved, PresenceChanged]
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """``count`` wrong or missing passwords for the VM through ``command`` (an event, and the
+    password slowdown's count on every server)."""
+
+    vm_id: str
+    command: str | None
+    count: int
+    event: str | None = "auth_failed"
+
+
+Change = Union[VMAdded, VMUpdated, VMRemoved, PresenceChanged, AuthFailed]
+
+
+# --- changes as feed rows (PostgreSQL's history, which other servers read) -------------------
+# A feed row is a history row (vm_id, event, reason, count say most) plus a payload for the
+# rest: what a server that did not make the change needs to apply it exactly as its maker did.
+
+
+def encode(change: Change) -> str:
+    if isinstance(change, PresenceChanged):
+        body: dict[str, Any] = {"k": "p", "h": change.holder, "a": change.authorized, "lc": change.last_connected}
+    elif isinstance(change, VMAdded):
+        vm = change.vm
+        body = {"k": "a", "id": vm.id, "ram": vm.ram, "cpu": vm.cpu, "pw": vm.password_hash, "lc": vm.last_connected,
+                "d": [[d.id, d.disk_id, d.size] for d in change.disks]}
+    elif isinstance(change, VMUpdated):
+        body = {"k": "u", "ram": change.ram, "cpu": change.cpu,
+                "d": [[d.id, d.disk_id, d.size, d.vm_pk] for d in change.disks]}
+    elif isinstance(change, VMRemoved):
+        body = {"k": "r"}
+    else:
+        body = {"k": "f"}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def decode(vm_id: str, event: str, reason: str | None, count: int | None, payload: str) -> Change:
+    """The change a feed row stands for. :raises ValueError: not a payload encode() made."""
+    body = json.loads(payload)
+    kind = body["k"]
+    if kind == "p":
+        return PresenceChanged(vm_id, body["h"], body["a"], event, body["lc"], reason)
+    if kind == "a":
+        pk = body["id"]
+        return VMAdded(VMRow(pk, vm_id, body["ram"], body["cpu"], body["pw"], body["lc"]),
+                       tuple(DiskRow(i, d, size, pk) for i, d, size in body["d"]), event)
+    if kind == "u":
+        return VMUpdated(vm_id, body["ram"], body["cpu"], tuple(DiskRow(*d) for d in body["d"]),
+                         event)
+    if kind == "r":
+        return VMRemoved(vm_id, event)
+    if kind == "f":
+        return AuthFailed(vm_id, reason, 1 if count is None else count, event)
+    raise ValueError(f"unknown change kind {kind!r}")

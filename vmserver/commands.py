@@ -39,6 +39,8 @@ class Context:
         self.token = None if config.token is None else config.token.encode("utf-8")
         self.require_passwords = config.require_passwords
         self.attempts = AttemptLimiter(config.auth_failures_allowed)
+        # With several servers, failures made through the others count here too.
+        inventory.on_auth_failed_elsewhere = lambda vm_id, count: self.attempts.elsewhere(vm_id, count, time.monotonic())
 
 
 Result = Union[bytes, tuple[bytes, ...], Awaitable[bytes]]  # a tuple: JSON in pieces (listing.Encoded)
@@ -97,7 +99,7 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
                            f"too many failed password attempts for VM {vm.vm_id!r}; try again in {math.ceil(wait)}s")
     if password is None:
         ctx.attempts.missing(vm.vm_id, time.monotonic())
-        ctx.inventory.auth_failed(vm, session, cmd)
+        await _recorded(ctx.inventory.auth_failed(vm, session, cmd))
         raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
     if not ctx.attempts.begin(vm.vm_id):
         raise CommandError(ErrorCode.AUTH_FAILED,
@@ -110,8 +112,14 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     if ok:
         return
     log.warning("%s %s: wrong password from %s (%d in a row)", cmd, vm.vm_id, session.name, failures)
-    ctx.inventory.auth_failed(vm, session, cmd)
+    await _recorded(ctx.inventory.auth_failed(vm, session, cmd))
     raise CommandError(ErrorCode.AUTH_FAILED, f"wrong password for VM {vm.vm_id!r}")
+
+
+async def _recorded(pending: asyncio.Future[Any] | None) -> None:
+    """Wait (a bounded time) for an auth_failed to be committed: its event comes first."""
+    if pending is not None:
+        await asyncio.wait((pending,), timeout=5.0)
 
 
 # --- inventory and presence --------------------------------------------------------------
@@ -179,18 +187,30 @@ async def _connect(ctx: Context, session: Owner, vm: VM, password: str | None) -
 def authorize_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
     vm = ctx.inventory.held_by(a["vm_id"], session)
     if vm.password_hash is None:
-        return ctx.inventory.authorize(vm.vm_id, session).json()
+        return _reply(ctx.inventory.authorize(vm.vm_id, session))
     return _authorize_with_password(ctx, session, vm, a.get("password"))
 
 
 async def _authorize_with_password(ctx: Context, session: Owner, vm: VM, password: str | None) -> bytes:
     await _check_password(ctx, session, vm, password, "authorize_vm")
-    return ctx.inventory.authorize(vm.vm_id, session).json()  # re-checks the session still holds it
+    done = ctx.inventory.authorize(vm.vm_id, session)  # re-checks the session still holds it
+    return (done if isinstance(done, VM) else await done).json()
+
+
+def _reply(done: VM | Awaitable[VM]) -> Result:
+    """The record, now, or once the change is committed (shared presence: several servers)."""
+    if isinstance(done, VM):
+        return done.json()
+    return _json_when(done)
+
+
+async def _json_when(done: Awaitable[VM]) -> bytes:
+    return (await done).json()
 
 
 @command("deauthorize_vm", "Withdraw this session's authorization of a VM; it stays connected.", _VM_ID)
 def deauthorize_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.deauthorize(a["vm_id"], session).json()
+    return _reply(ctx.inventory.deauthorize(a["vm_id"], session))
 
 
 @command("update_vm", "Change an authorized VM's ram, cpu and/or disks (disks replaces the set).", _VM_ID, *_spec(False))
@@ -206,7 +226,7 @@ async def _update(ctx: Context, session: Owner, a: dict[str, Any]) -> bytes:
 
 @command("disconnect_vm", "Disconnect a VM this session connected (also ends its authorization).", _VM_ID)
 def disconnect_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.disconnect(a["vm_id"], session).json()
+    return _reply(ctx.inventory.disconnect(a["vm_id"], session))
 
 
 # --- lists -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Config:
     busy_timeout_ms: int = 5000  # how long a write waits for another process's lock
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on shutdown
     auth_failures_allowed: int = 5  # per VM, before authorize_vm attempts are slowed down
+    lease_ttl: float = 15.0  # PostgreSQL: a server silent this long is lost, and its VMs released
 
 
 def _port(text: str) -> int:
@@ -76,6 +77,13 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
+    return value
+
+
+def _ttl(text: str) -> float:
+    value = _non_negative(text)
+    if value < 1:  # renewals every TTL/3 need a few round trips of slack
+        raise argparse.ArgumentTypeError(f"must be at least 1 second: {value}")
     return value
 
 
@@ -125,6 +133,9 @@ _OPTIONS = [
      "writes that may share one transaction and fsync (default %s; 1: a commit per write)"),
     ("--history-days", "VMSERVER_HISTORY_DAYS", _non_negative,
      "keep this many days of history (get_history) (default %s; 0: forever)"),
+    ("--lease-ttl", "VMSERVER_LEASE_TTL", _ttl,
+     "PostgreSQL, several servers: a server that cannot renew its lease for this many seconds has "
+     "lost it (its sessions are closed first) and its VMs are disconnected (default %s)"),
     ("--require-passwords", "VMSERVER_REQUIRE_PASSWORDS", None,
      "every VM must have a password (add_vm, connect_vm without one are refused)"),
 ]

@@ -16,15 +16,16 @@ import asyncio
 import bisect
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from .backends.base import AddVM, DiskRow, HistoryRow, PruneHistory, RemoveVM, SetLastConnected, Store, UpdateVM, VMRow
-from .changes import Change, PresenceChanged, VMAdded, VMRemoved, VMUpdated
+from .backends.base import (AddVM, Authorize, Connect, Disconnect, DiskRow, HistoryRow, PruneHistory, RemoveVM, Store,
+                            UpdateVM, VMRow)
+from .changes import AuthFailed, Change, PresenceChanged, VMAdded, VMRemoved, VMUpdated
 from .errors import CommandError, ErrorCode
 from .feed import EventFeed
 from .listing import Blocks, Encoded, View, json_list
-from .presence import LocalPresence, Presence
+from .presence import SERVER_ID, LocalPresence, Presence, SharedPresence
 from .protocol import dumps, utc_now
 from .records import VM, Disk
 from .validation import DiskSpec
@@ -81,6 +82,7 @@ def _history_row(event: str, vm_id: str, actor: Owner | None, reason: str | None
     return (utc_now(), vm_id, event, actor.name if actor is not None else None, reason, count)
 
 
+RELEASE_RETRY = 1.0  # seconds between tries to let go of a VM whose disconnect failed (shared presence)
 PRUNE_BATCH = 1000  # history rows deleted per write job: each is a short transaction
 JOURNAL_WAIT = 10.0  # at most this long a history read waits for journaled rows to be written
 AUTH_FAILED_INTERVAL = 10.0  # seconds over which a VM's failed password checks make one history row
@@ -99,11 +101,19 @@ class _Burst:
 
 
 class Inventory:
+    """Presence is local (this server's memory: SQLite) or shared (the database's: PostgreSQL,
+    several servers). Shared, every presence change is a write the database may refuse, and
+    changes other servers made arrive from the store's feed through :meth:`apply` too."""
+
     def __init__(self, store: Store, presence: Presence | None = None, feed: EventFeed | None = None) -> None:
         self.store = store
-        self.presence: Presence = presence if presence is not None else LocalPresence()
-        self.feed = feed if feed is not None else EventFeed()
         self._vms: dict[str, VM] = {}  # by vm_id, in id order (ids only grow)
+        self.shared = getattr(store, "shared", False)
+        self.presence: Presence = (presence if presence is not None else
+                                   SharedPresence(self._vms) if self.shared else LocalPresence())
+        self.feed = feed if feed is not None else EventFeed()
+        # Failed password checks made through other servers (shared): the slowdown counts them too.
+        self.on_auth_failed_elsewhere: Callable[[str, int], None] | None = None
         self._disks: dict[str, Disk] = {}  # by disk_id, in id order
         self._reserved_vm_ids: set[str] = set()  # taken by a write not yet committed
         self._reserved_disk_ids: set[str] = set()
@@ -135,6 +145,8 @@ class Inventory:
         self._closed = False  # close() has recorded what was pending
         self._store_closed = False
         self._load()
+        if self.shared:
+            store.on_change = self._from_elsewhere
 
     def start(self, loop: Any) -> None:
         """Start the store's writer (needs the running event loop)."""
@@ -153,6 +165,9 @@ class Inventory:
             vm.disks.append(disk)
             self._disks[disk.disk_id] = disk
             self._disk_blocks.add(disk)
+        for pk, (holder, authorized) in getattr(self.store, "presence", {}).items():  # shared: read with the rows
+            vm = by_pk[pk]
+            vm.holder, vm.authorized = holder, authorized
         for vm in self._vms.values():  # encode the whole fleet now, not in the first list request
             vm.encode()
         self._all_vms.json_array()  # and the lists too
@@ -165,6 +180,11 @@ class Inventory:
 
     def apply(self, change: Change) -> VM:
         """Mirror a committed change (or a presence change) into the cache, then announce it."""
+        if isinstance(change, AuthFailed):
+            vm = self._vms[change.vm_id]
+            if change.event is not None:
+                self._announce(change.event, vm, change.command, change.count)
+            return vm
         if isinstance(change, PresenceChanged):
             vm = self._vms[change.vm_id]
             vm.holder, vm.authorized = change.holder, change.authorized
@@ -195,6 +215,15 @@ class Inventory:
         if change.event is not None:
             self._announce(change.event, vm, change.reason if isinstance(change, PresenceChanged) else None)
         return vm
+
+    def _from_elsewhere(self, change: Change) -> None:
+        """A change another server made (or the reaper of a lost one), read from the feed."""
+        if isinstance(change, AuthFailed) and self.on_auth_failed_elsewhere is not None:
+            self.on_auth_failed_elsewhere(change.vm_id, change.count)
+        if isinstance(change, (VMAdded)) and change.vm.vm_id in self._vms:
+            log.error("change feed: %s is known already; ignored", change.vm.vm_id)
+            return
+        self.apply(change)
 
     def _add_disk(self, disk: Disk) -> None:
         disk.vm.disks.append(disk)
@@ -294,18 +323,21 @@ class Inventory:
         self._flush_rows()
         return self.store.submit(what, write, history, **callbacks)
 
-    def auth_failed(self, vm: VM, actor: Owner, command: str) -> None:
+    def auth_failed(self, vm: VM, actor: Owner, command: str) -> asyncio.Future[Any] | None:
         """A wrong or missing password for ``vm``: recorded and announced at once the first time;
         those that follow within ``auth_failed_interval`` are counted and recorded together, as
         one row and one event with their count, when the interval ends (a flood of guesses is a
-        row every interval, not a row each)."""
+        row every interval, not a row each). Shared presence: the first one's commit, which the
+        refusal may wait for (so its event comes before it, as on one server)."""
         burst = self._bursts.get(vm.vm_id)
         if burst is None:
-            self._record_failures(vm, actor.name, command, 1)
+            recorded = self._record_failures(vm, actor.name, command, 1)
             self._open_burst(vm)
+            return recorded
         else:
             burst.vm, burst.peer, burst.command = vm, actor.name, command
             burst.count += 1
+        return None
 
     def record_auth_failures(self, vm_id: str) -> None:
         """Record now the failed password checks still being counted for ``vm_id`` (before a removal)."""
@@ -326,9 +358,35 @@ class Inventory:
             if again:
                 self._open_burst(burst.vm)
 
-    def _record_failures(self, vm: VM, peer: str | None, command: str | None, count: int) -> None:
-        self._record((utc_now(), vm.vm_id, "auth_failed", peer, command, count))
-        self._announce("auth_failed", vm, command, count)
+    def _record_failures(self, vm: VM, peer: str | None, command: str | None,
+                         count: int) -> asyncio.Future[Any] | None:
+        row: HistoryRow = (utc_now(), vm.vm_id, "auth_failed", peer, command, count)
+        if not self.shared:
+            self._record(row)
+            self._announce("auth_failed", vm, command, count)
+            return None
+        change = AuthFailed(vm.vm_id, command, count)  # announced when committed, in the feed's order
+        return self._background(f"auth_failed {vm.vm_id}", None, row, change)
+
+    def _background(self, what: str, write: Any, row: HistoryRow, change: Change,
+                    on_fail: Callable[[CommandError], None] | None = None) -> asyncio.Future[Any] | None:
+        """A shared-presence write nobody needs to wait for: applied when committed, else logged."""
+        try:
+            future = self._submit(what, write, [row], changes=lambda _: [change],
+                                  on_commit=lambda _: self.apply(change) if change.vm_id in self._vms else None)
+        except CommandError as exc:
+            log.error("%s not recorded: %s", what, exc)
+            return None
+
+        def done(f: asyncio.Future[Any]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if isinstance(exc, CommandError):
+                if on_fail is not None:
+                    on_fail(exc)
+                else:
+                    log.error("%s not recorded: %s", what, exc)
+        future.add_done_callback(done)
+        return future
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -392,14 +450,24 @@ class Inventory:
         if owner is not None:
             self._registering[vm_id] = owner
 
+        def changes(result: tuple[int, list[int]]) -> list[Change]:
+            vm_pk, disk_pks = result
+            made: list[Change] = [VMAdded(VMRow(vm_pk, vm_id, ram, cpu, password_hash, last_connected),
+                                          tuple(DiskRow(pk, spec.disk_id, spec.size, vm_pk)
+                                                for pk, spec in zip(disk_pks, disks)))]
+            if owner is not None and self.shared:
+                made.append(PresenceChanged(vm_id, owner.key, False, "vm_connected", last_connected))
+            return made
+
         def committed(result: tuple[int, list[int]]) -> VM:
             unreserve()
             ended = self._orphaned.pop(vm_id, None) if owner is not None else None
-            vm_pk, disk_pks = result
-            vm = self.apply(VMAdded(VMRow(vm_pk, vm_id, ram, cpu, password_hash, last_connected),
-                                    tuple(DiskRow(pk, spec.disk_id, spec.size, vm_pk)
-                                          for pk, spec in zip(disk_pks, disks))))
-            if owner is not None and not owner.ended:
+            made = changes(result)
+            vm = self.apply(made[0])
+            if owner is not None and self.shared:
+                self.apply(made[1])
+                self._held(vm, owner, ended)
+            elif owner is not None and not owner.ended:
                 self._bind(vm, owner, "vm_connected")
             elif owner is not None:
                 # The session ended while its connect was being committed: the stored connect is
@@ -409,9 +477,11 @@ class Inventory:
             return vm
 
         who = owner or actor
-        write = AddVM(vm_id, ram, cpu, password_hash, tuple((d.disk_id, d.size) for d in disks), now, last_connected)
+        held = owner is not None and self.shared
+        write = AddVM(vm_id, ram, cpu, password_hash, tuple((d.disk_id, d.size) for d in disks), now, last_connected,
+                      owner.key if held else None, owner.name if held else None)
         history = [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else [])
-        return await self._submit(f"add {vm_id}", write, history, on_commit=committed,
+        return await self._submit(f"add {vm_id}", write, history, changes=changes, on_commit=committed,
                                   on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
 
     async def connect(self, vm_id: str, owner: Owner) -> VM:
@@ -430,6 +500,8 @@ class Inventory:
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is connected by another session")
         if self.removing(vm_id):
             raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being removed")
+        if self.shared:
+            return await self._connect_shared(vm, owner)
         self._bind(vm, owner, None)
         now = utc_now()
 
@@ -441,8 +513,70 @@ class Inventory:
         def failed() -> None:
             self._unbind(vm, owner, None)
 
-        return await self._submit(f"connect {vm_id}", SetLastConnected(vm.id, now),
+        return await self._submit(f"connect {vm_id}", Connect(vm.id, now),
                                   [_history_row("vm_connected", vm_id, owner)], on_commit=committed, on_fail=failed)
+
+    # --- shared presence: every change a write the database may refuse (another server) -----
+
+    async def _connect_shared(self, vm: VM, owner: Owner) -> VM:
+        """The database decides between sessions racing on several servers; on this one, the
+        first to ask is the only one to ask (the others get conflict meanwhile)."""
+        vm_id = vm.vm_id
+        if vm_id in self._registering:
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being connected by another session")
+        self._registering[vm_id] = owner
+        now = utc_now()
+        change = PresenceChanged(vm_id, owner.key, False, "vm_connected", now)
+
+        def committed(_: None) -> VM:
+            self._registering.pop(vm_id, None)
+            self.apply(change)
+            self._held(vm, owner, self._orphaned.pop(vm_id, None))
+            return vm
+
+        def failed() -> None:
+            self._registering.pop(vm_id, None)
+            self._orphaned.pop(vm_id, None)
+
+        return await self._submit(f"connect {vm_id}", Connect(vm.id, now, owner.key, owner.name),
+                                  [_history_row("vm_connected", vm_id, owner)], changes=lambda _: [change],
+                                  on_commit=committed, on_fail=failed)
+
+    def _held(self, vm: VM, owner: Owner, ended: str | None) -> None:
+        """A connect committed: the session holds the VM, or lets go at once if it ended meanwhile."""
+        if owner.ended:
+            self._let_go(vm.vm_id, owner.key, owner.name, ended or "session_closed")
+            return
+        owner.vms.add(vm.vm_id)
+        self._holding[owner.key] = owner
+
+    def _presence_write(self, vm: VM, owner: Owner, write: Any, change: PresenceChanged,
+                        done: Callable[[], None] | None = None) -> Awaitable[VM]:
+        """Authorize, deauthorize or disconnect with shared presence: applied once committed."""
+        def committed(_: None) -> VM:
+            if done is not None:
+                done()
+            self.apply(change)
+            return vm
+        return self._submit(f"{change.event} {vm.vm_id}", write, [_history_row(change.event or "", vm.vm_id, owner,
+                                                                               change.reason)],
+                            changes=lambda _: [change], on_commit=committed)
+
+    def _let_go(self, vm_id: str, key: str, name: str, reason: str) -> None:
+        """A session that ended lets go of a VM (shared presence). Not awaited; a failure (the
+        database is away) is tried again every RELEASE_RETRY seconds, until it is done or the
+        VM is no longer the session's (a lost lease: another server's reaper disconnects it)."""
+        vm = self._vms.get(vm_id)
+        if vm is None or vm.holder != key:
+            return
+        change = PresenceChanged(vm_id, None, False, "vm_disconnected", None, reason)
+
+        def failed(exc: CommandError) -> None:
+            if exc.code is ErrorCode.NOT_CONNECTED:
+                return  # not ours any more
+            asyncio.get_running_loop().call_later(RELEASE_RETRY, self._let_go, vm_id, key, name, reason)
+        self._background(f"disconnect {vm_id}", Disconnect(vm.id, key), (utc_now(), vm_id, "vm_disconnected", name,
+                                                                        reason, None), change, on_fail=failed)
 
     def _bind(self, vm: VM, owner: Owner, event: str | None) -> None:
         if not self.presence.claim(vm.vm_id, owner.key):
@@ -476,8 +610,13 @@ class Inventory:
     def connected(self, vm: VM) -> bool:
         return self.presence.holder(vm.vm_id) is not None
 
-    def authorize(self, vm_id: str, owner: Owner) -> VM:
+    def authorize(self, vm_id: str, owner: Owner) -> VM | Awaitable[VM]:
         vm = self.held_by(vm_id, owner)
+        if self.shared:
+            if vm.authorized:
+                return vm
+            return self._presence_write(vm, owner, Authorize(vm.id, owner.key, True),
+                                        PresenceChanged(vm_id, owner.key, True, "vm_authorized"))
         if not self.presence.authorized(vm_id):
             self.presence.authorize(vm_id, owner.key, True)
             self._record(_history_row("vm_authorized", vm_id, owner))
@@ -491,8 +630,11 @@ class Inventory:
             raise CommandError(ErrorCode.NOT_AUTHORIZED, f"VM {vm_id!r} is not authorized by this session")
         return vm
 
-    def deauthorize(self, vm_id: str, owner: Owner) -> VM:
+    def deauthorize(self, vm_id: str, owner: Owner) -> VM | Awaitable[VM]:
         vm = self.authorized_by(vm_id, owner)
+        if self.shared:
+            return self._presence_write(vm, owner, Authorize(vm.id, owner.key, False),
+                                        PresenceChanged(vm_id, owner.key, False, "vm_deauthorized"))
         self.presence.authorize(vm_id, owner.key, False)
         self._record(_history_row("vm_deauthorized", vm_id, owner))
         self._presence(vm, "vm_deauthorized")
@@ -527,18 +669,23 @@ class Inventory:
         def unreserve() -> None:
             self._reserved_disk_ids.difference_update(added_ids)
 
+        # Only this session changes the VM until the commit: what it keeps is known now.
+        sizes = {d.id: size for d, size in resize}
+        gone = {d.id for d in remove}
+        kept = tuple(DiskRow(d.id, d.disk_id, sizes.get(d.id, d.size), vm.id) for d in vm.disks if d.id not in gone)
+
+        def changes(new_pks: list[int]) -> list[Change]:
+            return [VMUpdated(vm_id, new_ram, new_cpu, kept + tuple(DiskRow(pk, spec.disk_id, spec.size, vm.id)
+                                                                    for pk, spec in zip(new_pks, add)))]
+
         def committed(new_pks: list[int]) -> VM:
             unreserve()
-            sizes = {d.id: size for d, size in resize}
-            gone = {d.id for d in remove}
-            rows = [DiskRow(d.id, d.disk_id, sizes.get(d.id, d.size), vm.id) for d in vm.disks if d.id not in gone]
-            rows += [DiskRow(pk, spec.disk_id, spec.size, vm.id) for pk, spec in zip(new_pks, add)]
-            return self.apply(VMUpdated(vm_id, new_ram, new_cpu, tuple(rows)))
+            return self.apply(changes(new_pks)[0])
 
         write = UpdateVM(vm.id, new_ram, new_cpu, tuple(d.id for d in remove), tuple((d.id, size) for d, size in resize),
                          tuple((s.disk_id, s.size) for s in add))
         return await self._submit(f"update {vm_id}", write, [_history_row("vm_updated", vm_id, owner)],
-                                  on_commit=committed, on_fail=unreserve)
+                                  changes=changes, on_commit=committed, on_fail=unreserve)
 
     async def remove(self, vm_id: str, actor: Owner | None = None) -> VM:
         """Unregister a VM and its disks; refused while a session holds it.
@@ -559,14 +706,18 @@ class Inventory:
             return self.apply(VMRemoved(vm_id))
 
         return await self._submit(f"remove {vm_id}", RemoveVM(vm.id), [_history_row("vm_removed", vm_id, actor)],
-                                  on_commit=committed, on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
+                                  changes=lambda _: [VMRemoved(vm_id)], on_commit=committed, on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
 
     def removing(self, vm_id: str) -> bool:
         """A known VM whose removal is waiting for its commit."""
         return vm_id in self._vms and vm_id in self._reserved_vm_ids
 
-    def disconnect(self, vm_id: str, owner: Owner) -> VM:
+    def disconnect(self, vm_id: str, owner: Owner) -> VM | Awaitable[VM]:
         vm = self.held_by(vm_id, owner)
+        if self.shared:
+            return self._presence_write(vm, owner, Disconnect(vm.id, owner.key),
+                                        PresenceChanged(vm_id, None, False, "vm_disconnected", None, "request"),
+                                        done=lambda: owner.vms.discard(vm_id))
         self._record(_history_row("vm_disconnected", vm_id, owner, "request"))
         self._unbind(vm, owner, "vm_disconnected", "request")
         return vm
@@ -583,7 +734,10 @@ class Inventory:
         released = []
         for vm_id in list(owner.vms):
             vm = self._vms.get(vm_id)
-            if vm is not None and self.presence.holder(vm_id) == owner.key:
+            if vm is not None and self.presence.holder(vm_id) == owner.key and self.shared:
+                self._let_go(vm_id, owner.key, owner.name, reason)
+                released.append(vm_id)
+            elif vm is not None and self.presence.holder(vm_id) == owner.key:
                 self._record(_history_row("vm_disconnected", vm_id, owner, reason))
                 self._unbind(vm, owner, "vm_disconnected", reason)
                 released.append(vm_id)
@@ -672,7 +826,8 @@ class Inventory:
         vms, connected, authorized, ram, cpu = (sum(column) for column in zip(*self._vm_totals.each(), (0,) * 5))
         disks, disk_size = (sum(column) for column in zip(*self._disk_totals.each(), (0, 0)))
         return dumps({"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
-                      "ram": ram, "cpu": cpu, "disk_size": disk_size})
+                      "ram": ram, "cpu": cpu, "disk_size": disk_size, "server_id": SERVER_ID,
+                      "servers": self.store.servers})
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:

@@ -94,6 +94,11 @@ class AttemptLimiter:
         """A password was needed and none was given: a failure, without a check."""
         return self._failed(key, now)
 
+    def elsewhere(self, key: str, count: int, now: float) -> None:
+        """``count`` failures made through another server (several servers on one database)."""
+        for _ in range(count):
+            self._failed(key, now)
+
     def _failed(self, key: str, now: float) -> int:
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures

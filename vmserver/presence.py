@@ -9,14 +9,17 @@ makes reaches the inventory's cache through ``Inventory.apply`` like every other
 from __future__ import annotations
 
 import itertools
-from typing import Protocol
+import secrets
+from typing import Any, Protocol
 
+# This server's id, chosen at start: in its log line, its greeting, stats, and every session key.
+SERVER_ID = secrets.token_hex(4)
 _keys = itertools.count(1)
 
 
 def session_key() -> str:
-    """A key no other session of this process has had."""
-    return f"s{next(_keys)}"
+    """A key no other session, of this server or of another, has had."""
+    return f"{SERVER_ID}.{next(_keys)}"
 
 
 class Presence(Protocol):
@@ -66,3 +69,30 @@ class LocalPresence:
         del self._holders[vm_id]
         self._authorized.discard(vm_id)
         return True
+
+
+class SharedPresence:
+    """Presence kept in the database (PostgreSQL, several servers): who holds each VM is read
+    here from the inventory's cache, which the change feed keeps current; every change is a
+    write (base.Connect, Authorize, Disconnect) that the database may refuse."""
+
+    def __init__(self, vms: dict[str, Any]) -> None:
+        self._vms = vms  # by vm_id: records with .holder and .authorized
+
+    def holder(self, vm_id: str) -> str | None:
+        vm = self._vms.get(vm_id)
+        return None if vm is None else vm.holder
+
+    def authorized(self, vm_id: str) -> bool:
+        vm = self._vms.get(vm_id)
+        return vm is not None and vm.authorized
+
+    # Never called: the inventory changes shared presence through the store.
+    def claim(self, vm_id: str, key: str) -> bool:
+        raise AssertionError("shared presence changes only through the store")
+
+    def authorize(self, vm_id: str, key: str, on: bool) -> bool:
+        raise AssertionError("shared presence changes only through the store")
+
+    def release(self, vm_id: str, key: str) -> bool:
+        raise AssertionError("shared presence changes only through the store")

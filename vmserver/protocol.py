@@ -309,9 +309,12 @@ def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:
     return b'{"id":' + rid + b',"ok":false,"error":' + body + b"}\n"
 
 
-def encode_greeting(version: str, commands: list[str], auth_required: bool = False) -> bytes:
-    hello = {"server": "vmserver", "version": version, "protocol": 1, "commands": commands,
-             "auth_required": auth_required}
+def encode_greeting(version: str, commands: list[str], auth_required: bool = False,
+                    server_id: str | None = None) -> bytes:
+    hello: dict[str, Any] = {"server": "vmserver", "version": version, "protocol": 1, "commands": commands,
+                             "auth_required": auth_required}
+    if server_id is not None:
+        hello["server_id"] = server_id
     return dumps({"hello": hello}) + b"\n"
 
 

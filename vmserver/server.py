@@ -28,7 +28,7 @@ from .backends import open_store
 from .errors import ErrorCode, StorageError
 from .inventory import Inventory
 from .listing import pieces
-from .presence import session_key
+from .presence import SERVER_ID, session_key
 from .protocol import (
     RequestError, encode_error, encode_event, encode_greeting, looks_like_http, parse_line,
 )
@@ -53,6 +53,7 @@ _TURN = 0.001  # seconds of work a session (or the reaper) does before letting t
 _EVENT_WRITE_MAX = 256 * 1024  # bytes of events written to one subscriber at a time
 
 SHUTDOWN = "server shutdown"
+LEASE_LOST = "lease lost"  # several servers: this one lost its lease on the database
 IDLE = "idle timeout"
 _DISCONNECT_REASONS = {SHUTDOWN: "shutdown", IDLE: "timeout"}  # vm_disconnected's reason; else session_closed
 _QUIET_REASONS = ("closed by peer", SHUTDOWN)  # logged at DEBUG: routine for a fleet
@@ -193,7 +194,14 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None)
+        self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None,
+                                         server_id=SERVER_ID)
+        # Several servers on one database: while this one holds no lease it serves nobody.
+        self._unavailable: str | None = None
+        store = inventory.store
+        if store.shared:
+            store.on_unavailable = self._lease_lost  # type: ignore[attr-defined]
+            store.on_available = self._lease_held  # type: ignore[attr-defined]
         self._long_lines = asyncio.Semaphore(max(1, _LONG_LINE_BUDGET // (2 * config.max_line + 2)))
         # Live events: one shared channel per choice of events (subscribers without a vm_id), found
         # by event name; subscribers of one VM, by VM, each with a channel of its own. Channels
@@ -444,8 +452,25 @@ class Server:
                         self._refused, name, len(self.sessions), self.max_sessions)
             self._refused, self._refused_logged = 0, now
 
+    def _lease_lost(self, why: str) -> None:
+        """Stop acting before the lease can expire: every session closed (their VMs are released
+        by whichever server reaps the lease), new ones refused until a new lease is held."""
+        self._unavailable = why
+        for session in list(self.sessions):
+            self._stop(session, LEASE_LOST)
+
+    def _lease_held(self) -> None:
+        if self._unavailable is not None:
+            log.warning("serving again: this server holds a new lease")
+        self._unavailable = None
+
     def _admit(self, writer: asyncio.StreamWriter, peer: Any, name: str) -> bool:
         """Within the cap, or in one of the seats kept for this machine's own peers past it."""
+        if self._unavailable is not None:
+            writer.write(encode_error(None, ErrorCode.UNAVAILABLE, "this server lost touch with its database "
+                                      f"({self._unavailable}); try another server, or again shortly"))
+            writer.close()
+            return False
         count = len(self.sessions)
         if count < self.max_sessions:
             return True
@@ -534,9 +559,10 @@ class Server:
                 writer.transport.abort()
             session.busy = session.writing = False
             at_eof = reader.at_eof()
-            if reason == SHUTDOWN or not (at_eof or writer.transport.is_closing()):
+            if reason in (SHUTDOWN, LEASE_LOST) or not (at_eof or writer.transport.is_closing()):
                 self._retire(session, reason, None)  # we end it: say goodbye, let its input drain
-                await self._hang_up(writer, shutdown=reason == SHUTDOWN, reader=None if at_eof else reader)
+                await self._hang_up(writer, shutdown=reason in (SHUTDOWN, LEASE_LOST),
+                                    reader=None if at_eof else reader)
             else:
                 self._retire(session, reason, writer)  # the peer ended it: the reaper closes it
 
@@ -733,7 +759,7 @@ async def start_server(config: Config) -> Server:
     :raises OSError: cannot listen.
     """
     tls = tls_context(config)  # first: a bad certificate should not leave a new database behind
-    inventory = Inventory(open_store(config.db, config.busy_timeout_ms, config.max_write_batch))
+    inventory = Inventory(open_store(config.db, config.busy_timeout_ms, config.max_write_batch, config.lease_ttl))
     server = Server(config, inventory)
     try:
         inventory.start(asyncio.get_running_loop())

@@ -46,7 +46,8 @@ def mask_dsn(dsn: str) -> str:
     return _PARAM_PASSWORD.sub(r"\1***", dsn)
 
 
-def open_store(db: str, busy_timeout_ms: int = 5000, max_batch: int = DEFAULT_MAX_BATCH) -> Store:
+def open_store(db: str, busy_timeout_ms: int = 5000, max_batch: int = DEFAULT_MAX_BATCH,
+               lease_ttl: float = 15.0) -> Store:
     """Open (creating or migrating its schema) the store ``db`` names.
 
     :raises StorageError: unusable, or the PostgreSQL driver is not installed.
@@ -58,6 +59,6 @@ def open_store(db: str, busy_timeout_ms: int = 5000, max_batch: int = DEFAULT_MA
             if exc.name is None or not exc.name.startswith("psycopg"):
                 raise
             raise StorageError(f"the PostgreSQL backend needs its driver: {POSTGRES_EXTRA}") from None
-        return PostgresStore(db, max_batch=max_batch)
+        return PostgresStore(db, max_batch=max_batch, lease_ttl=lease_ttl)
     from .sqlite import SQLiteStore
     return SQLiteStore(db, busy_timeout_ms, max_batch)

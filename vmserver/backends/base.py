@@ -68,6 +68,8 @@ class AddVM:
     disks: tuple[tuple[str, int], ...]  # (disk_id, size)
     created_at: str
     last_connected: str | None
+    holder: str | None = None  # shared presence: the session connecting it in the same step
+    peer: str | None = None  # that session's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +92,37 @@ class RemoveVM:
 
 
 @dataclass(frozen=True, slots=True)
-class SetLastConnected:
+class Connect:
+    """A session connects a VM: its last_connected, and with shared presence (PostgreSQL) its
+    presence row, which fails the write with conflict when another session holds the VM."""
+
     vm_pk: int
     when: str
+    holder: str = ""  # the session's key
+    peer: str | None = None  # the session's name, for the history of a lost server
+
+
+@dataclass(frozen=True, slots=True)
+class Authorize:
+    """Shared presence: set the holder's authorization (not_connected if it no longer holds it)."""
+
+    vm_pk: int
+    holder: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Shared presence: drop the holder's presence row (not_connected if it no longer holds it)."""
+
+    vm_pk: int
+    holder: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reap:
+    """Shared presence: end the leases that expired and disconnect what their servers held;
+    the result is [(vm_id, peer)], each disconnected here (exactly one reaper per row)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +134,13 @@ class PruneHistory:
 
 
 # None: nothing but the history rows that come with it.
-Write = Union[AddVM, UpdateVM, RemoveVM, SetLastConnected, PruneHistory, None]
-# One write as a backend runs it: (what it is, for messages; the write; history rows in the same transaction).
-Job = tuple[str, Write, Sequence[HistoryRow]]
+Write = Union[AddVM, UpdateVM, RemoveVM, Connect, Authorize, Disconnect, Reap, PruneHistory, None]
+# What a write changed, from its result: one change (changes.Change) per history row, for a
+# store whose history is also the change feed other servers read (PostgreSQL).
+Changes = Callable[[Any], Sequence[Any]]
+# One write as a backend runs it: (what it is, for messages; the write; history rows in the same
+# transaction; its changes, or None).
+Job = tuple[str, Write, Sequence[HistoryRow], "Changes | None"]
 Outcome = tuple[Any, "CommandError | None"]
 
 
@@ -133,9 +167,13 @@ class Store(Protocol):
     hot path (at start, at close, or in ``vmserver copy``)."""
 
     label: str  # what messages name: the file's path, or the DSN with its password masked
-    # Set by the owner before start(); called on the event loop, with one line saying why, when
-    # the store cannot go on (another server took the database): the server must stop.
-    on_fatal: Callable[[str], None] | None
+    # Shared presence (PostgreSQL): several servers on one database. Presence is then kept in
+    # the database, every change is a row of one feed numbered in commit order, and the store
+    # hands the owner, in that order, the changes other servers made (``on_change``, set by the
+    # owner) between those of its own commits.
+    shared: bool
+    on_change: Callable[[Any], Any] | None
+    servers: list[dict[str, Any]]  # the live servers on this database (stats): server_id, host, pid, since
     writes: int  # writes committed, and in how many transactions (how well group commit batches)
     batches: int
 
@@ -146,6 +184,7 @@ class Store(Protocol):
         """Start writing (the writer thread needs the running loop)."""
 
     def submit(self, what: str, write: Write, history: Sequence[HistoryRow] = (), *,
+               changes: Changes | None = None,
                on_commit: Callable[[Any], Any] | None = None,
                on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
         """Queue a write and its history rows, one transaction with whatever else is queued.

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StorageError
-from .base import Job, Outcome, Write
+from .base import Changes, Job, Outcome, Write
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,13 @@ class _Job:
 
 class GroupCommitter:
     def __init__(self, label: str, execute: Callable[[list[Job]], list[Outcome]],
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH,
+                 deliver: Callable[[list[_Job], list[Outcome]], None] | None = None) -> None:
         self.label = label  # the database, as messages name it
         self._execute = execute
+        # How a finished batch reaches memory (on the loop): at once, or when the store says
+        # (PostgreSQL: in the feed's order, after other servers' earlier changes).
+        self.deliver = deliver if deliver is not None else self.deliver_now
         self.max_batch = max(1, max_batch)
         # A C-implemented queue: a put costs a fraction of a Condition's acquire/notify/release.
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: stop after what is queued
@@ -64,7 +68,7 @@ class GroupCommitter:
         self._loop = loop
         self._thread.start()
 
-    def submit(self, what: str, write: Write, history: Any = (), *,
+    def submit(self, what: str, write: Write, history: Any = (), *, changes: Changes | None = None,
                on_commit: Callable[[Any], Any] | None = None,
                on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
         """Queue a write; the future gets ``on_commit(result)`` (or the result) once committed.
@@ -78,7 +82,7 @@ class GroupCommitter:
                 on_fail()
             raise StorageError(f"database {self.label}: {what} refused: the server is stopping")
         future = self._loop.create_future()
-        self._jobs.put(_Job((what, write, history), future, on_commit, on_fail))
+        self._jobs.put(_Job((what, write, history, changes), future, on_commit, on_fail))
         return future
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -139,10 +143,10 @@ class GroupCommitter:
             self._wake_pending = False  # from here on, a new batch wakes the loop again
         while self._done:
             batch, outcomes = self._done.popleft()
-            self._deliver(batch, outcomes)
+            self.deliver(batch, outcomes)
 
     @staticmethod
-    def _deliver(batch: list[_Job], outcomes: list[Outcome]) -> None:
+    def deliver_now(batch: list[_Job], outcomes: list[Outcome]) -> None:
         """Mirror each outcome into memory, then wake its waiter."""
         for job, (result, error) in zip(batch, outcomes):
             try:
@@ -175,7 +179,7 @@ class Committed:
     def batches(self) -> int:
         return self.writer.batches
 
-    def submit(self, what: str, write: Write, history: Any = (), *,
+    def submit(self, what: str, write: Write, history: Any = (), *, changes: Changes | None = None,
                on_commit: Callable[[Any], Any] | None = None,
                on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
-        return self.writer.submit(what, write, history, on_commit=on_commit, on_fail=on_fail)
+        return self.writer.submit(what, write, history, changes=changes, on_commit=on_commit, on_fail=on_fail)

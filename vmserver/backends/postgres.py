@@ -1,19 +1,17 @@
-"""The PostgreSQL backend (an optional extra): connections, schema and migrations, the one-server
-lock, and what happens when the database goes away under a running server.
+"""The PostgreSQL backend (an optional extra): connections, schema and migrations, and what
+happens when the database goes away under a running server. Several servers may share one
+database (pg_cluster.py: leases, presence rows, the change feed).
 
-One connection, the *primary*, writes (driven by the group-committing writer thread) and holds
-the one-server lock, a session advisory lock. Holding the lock on the very session that
-commits is the fence: PostgreSQL releases a session's lock only when the session has ended,
-after its last commit, so no write of ours can land after another server took over, and a
-server that sees the lock free also sees every write we made. A batch is one pipeline (one
-round trip) and one COMMIT; every transaction is spelt out (connections are in autocommit).
+One connection, the *primary*, writes (driven by the group-committing writer thread). A batch
+is two round trips: a pipeline that opens the transaction, checks this server's lease (the
+fence) and runs the writes; then the batch's history rows, numbered in commit order as the
+change feed, and the COMMIT. Every transaction is spelt out (connections are in autocommit).
 
 A watchdog thread pings the primary while it is idle and cuts a batch that gets no answer, so
-a dead or hung PostgreSQL is noticed within seconds; it reconnects with backoff, re-takes the
-lock, answers a commit whose reply was lost from ``pg_xact_status``, and gives up for good,
-calling ``on_fatal``, when another server holds the lock or held it meanwhile (the owner
-token in vmserver_owner is not ours). While the primary is down every write fails at once
-(``internal``, nothing written). A few reader connections serve get_history beside it.
+a dead or hung PostgreSQL is noticed within seconds; it reconnects with backoff and answers a
+commit whose reply was lost from ``pg_xact_status``. While the primary is down every write
+fails at once (``internal``, nothing written). A few reader connections serve get_history and
+the feed beside it.
 
 Any ``psycopg.Error`` becomes a StorageError naming the database with its password masked
 (never shown, never logged), a unique violation the protocol's already_exists or conflict.
@@ -29,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import select
 import socket
 import threading
@@ -42,11 +39,16 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import CommandError, StorageError
+from ..changes import PresenceChanged, decode, encode
+from ..errors import CommandError, ErrorCode, StorageError
+from ..presence import SERVER_ID
+from ..protocol import utc_now
 from . import mask_dsn
-from .base import (AddVM, DiskRow, HistoryRow, Job, Outcome, PruneHistory, RemoveVM, SetLastConnected,
-                   Snapshot, StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, history_filter, vm_taken)
+from .base import (AddVM, Authorize, Connect, Disconnect, DiskRow, Job, Outcome, PruneHistory, Reap,
+                   RemoveVM, Snapshot, StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, history_filter,
+                   vm_taken)
 from .group_commit import DEFAULT_MAX_BATCH, Committed, GroupCommitter
+from .pg_cluster import CATCH_UP, CHANNEL, FETCH, FeedRow, Lease, Listener, Sequencer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,10 +59,9 @@ def _key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-LOCK_KEY = _key("vmserver")  # the one-server lock, held for the server's life
 MIGRATE_KEY = _key("vmserver migrate")  # held by the transaction that creates or migrates the schema
 
-PING_INTERVAL = 1.0  # an idle primary is pinged this often: losing it is losing the lock
+PING_INTERVAL = 1.0  # an idle primary is pinged this often
 PING_TIMEOUT = 2.0  # a ping unanswered this long is a lost connection (a hung peer answers keepalives)
 BATCH_DEADLINE = 15.0  # a batch unanswered this long is cut off (PostgreSQL's own timeouts are shorter)
 READ_DEADLINE = 15.0  # a get_history with no answer for this long fails (a hung PostgreSQL)
@@ -69,6 +70,8 @@ RESOLVE_WAIT = 5.0  # how long a commit whose reply was lost waits for the recon
 READERS = 4  # history reads running at once; more wait their turn (never in the writer's queue)
 LOCK_TIMEOUT_MS = 5000  # a write waiting on a row lock (someone's psql session) fails after this
 STATEMENT_TIMEOUT_MS = 10_000
+IDLE_IN_TRANSACTION_MS = 10_000  # a transaction of ours left open by a lost client ends (its row locks with it)
+DEFAULT_LEASE_TTL = 15.0
 MIN_SERVER_VERSION = 130000
 
 # --- the schema -------------------------------------------------------------------------------
@@ -121,8 +124,43 @@ _SCHEMA_V1 = [
     "CREATE TABLE vmserver_owner (token text NOT NULL, pid integer NOT NULL, since timestamptz NOT NULL)",
 ]
 
+# Version 2: several servers on one database (pg_cluster.py). The one-server lock and its
+# owner row give way to leases; presence moves into the database; the history becomes the
+# change feed, numbered in commit order by vmserver_feed's one row (not by the identity: an
+# identity is taken at INSERT, so a reader that remembers the last number seen would skip a
+# row whose transaction committed late), each row with the payload other servers apply.
+_SCHEMA_V2 = [
+    "DROP TABLE vmserver_owner",
+    """
+    CREATE TABLE vmserver_servers (
+        lease      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        server_id  text    NOT NULL,
+        host       text    NOT NULL,
+        pid        integer NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        expires_at timestamptz NOT NULL                              -- by the database's clock
+    )
+    """,
+    # Who holds each connected VM: a session (holder: its key) of the server holding ``lease``.
+    # No cascade either way: a VM held cannot be removed (conflict), and a lease is reaped
+    # with its rows, their vm_disconnected rows written by the reaper.
+    """
+    CREATE TABLE vmserver_presence (
+        vm         bigint  PRIMARY KEY CONSTRAINT presence_vm_fkey REFERENCES vms(id),
+        lease      bigint  NOT NULL REFERENCES vmserver_servers(lease),
+        holder     text    NOT NULL,
+        peer       text,
+        authorized boolean NOT NULL DEFAULT false
+    )
+    """,
+    "CREATE INDEX presence_by_lease ON vmserver_presence(lease)",
+    "ALTER TABLE history ADD COLUMN payload text, ADD COLUMN lease bigint",
+    "CREATE TABLE vmserver_feed (seq bigint NOT NULL)",
+    "INSERT INTO vmserver_feed SELECT coalesce(max(id), 0) FROM history",
+]
+
 # Ordered migrations: MIGRATIONS[i] brings a database from version i to i + 1.
-MIGRATIONS: list[list[str]] = [_SCHEMA_V1]
+MIGRATIONS: list[list[str]] = [_SCHEMA_V1, _SCHEMA_V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -155,11 +193,22 @@ SELECT d.disk_id, d.size, d.vm FROM unnest(%s::text[], %s::integer[], %s::bigint
 ORDER BY d.n
 RETURNING disk_id, id
 """
-# Ids in the rows' order (history ids are the order in which things happened): ORDER BY the ordinality.
-_HISTORY = ("INSERT INTO history (ts, vm_id, event, peer, reason, count) "
-            "SELECT h.ts, h.vm_id, h.event, h.peer, h.reason, h.count "
-            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[]) "
-            "WITH ORDINALITY AS h(ts, vm_id, event, peer, reason, count, n) ORDER BY h.n")
+# The feed rows of a batch, numbered from the counter (whose row lock is then held until the
+# commit, so the numbers follow the commits), in the rows' order; returns the last number.
+_FEED = """
+WITH c AS (UPDATE vmserver_feed SET seq = seq + %s RETURNING seq)
+INSERT INTO history (id, ts, vm_id, event, peer, reason, count, payload, lease)
+SELECT c.seq - %s + h.n, h.ts, h.vm_id, h.event, h.peer, h.reason, h.count, h.payload, %s
+FROM c, unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::integer[], %s::text[])
+     WITH ORDINALITY AS h(ts, vm_id, event, peer, reason, count, payload, n)
+RETURNING (SELECT seq FROM c)
+"""
+# This server's lease, still valid, locked against the reaper (FOR KEY SHARE: renewals go on)
+# until the batch commits: the fence of every batch.
+_FENCE = ("SELECT 1 FROM vmserver_servers WHERE lease = %s AND expires_at > clock_timestamp() "
+          "FOR KEY SHARE")
+_READ_FEED = ("SELECT id, vm_id, event, reason, count, payload, lease FROM history WHERE id > %s "
+              f"ORDER BY id LIMIT {FETCH}")
 
 Result = Callable[[], Any]  # reads a write's result once the pipeline has been synced
 
@@ -168,12 +217,18 @@ def _none() -> None:
     return None
 
 
-def _send_add_vms(conn: psycopg.Connection, writes: Sequence[AddVM]) -> list[Result]:
+def _send_add_vms(conn: psycopg.Connection, writes: Sequence[AddVM], lease: int) -> list[Result]:
     disks = [(disk_id, size, w.vm_id) for w in writes for disk_id, size in w.disks]
     cur = conn.execute(_ADD_VMS, (
         [w.vm_id for w in writes], [w.ram for w in writes], [w.cpu for w in writes],
         [w.password_hash for w in writes], [w.last_connected for w in writes], [w.created_at for w in writes],
         [d[0] for d in disks], [d[1] for d in disks], [d[2] for d in disks]))
+    held = [w for w in writes if w.holder is not None]
+    if held:  # connect_vm of a new VM: connected in the same transaction
+        conn.execute("INSERT INTO vmserver_presence (vm, lease, holder, peer) SELECT vms.id, %s, h.holder, h.peer "
+                     "FROM unnest(%s::text[], %s::text[], %s::text[]) AS h(vm_id, holder, peer) "
+                     "JOIN vms ON vms.vm_id = h.vm_id",
+                     (lease, [w.vm_id for w in held], [w.holder for w in held], [w.peer for w in held]))
     ids: dict[tuple[bool, str], int] = {}
 
     def result(w: AddVM) -> tuple[int, list[int]]:
@@ -183,7 +238,7 @@ def _send_add_vms(conn: psycopg.Connection, writes: Sequence[AddVM]) -> list[Res
     return [functools.partial(result, w) for w in writes]
 
 
-def _send_update_vms(conn: psycopg.Connection, writes: Sequence[UpdateVM]) -> list[Result]:
+def _send_update_vms(conn: psycopg.Connection, writes: Sequence[UpdateVM], lease: int) -> list[Result]:
     """The specs, then the removals, resizes and additions of them all (SQLite's order within
     each write: a disk_id removed and added again needs the DELETE first). A VM or a disk
     changed twice in the run gets its last value, as one by one it would; no write can touch a
@@ -212,17 +267,70 @@ def _send_update_vms(conn: psycopg.Connection, writes: Sequence[UpdateVM]) -> li
     return [functools.partial(result, w) for w in writes]
 
 
-def _send_remove_vms(conn: psycopg.Connection, writes: Sequence[RemoveVM]) -> list[Result]:
-    # Their disks go with them (ON DELETE CASCADE).
+def _send_remove_vms(conn: psycopg.Connection, writes: Sequence[RemoveVM], lease: int) -> list[Result]:
+    # Their disks go with them (ON DELETE CASCADE); a VM connected anywhere stays (presence_vm_fkey).
     conn.execute("DELETE FROM vms WHERE id = ANY(%s::bigint[])", ([w.vm_pk for w in writes],))
     return [_none for _ in writes]
 
 
-def _send_set_last_connected(conn: psycopg.Connection, writes: Sequence[SetLastConnected]) -> list[Result]:
-    when = {w.vm_pk: w.when for w in writes}  # the last one wins
-    conn.execute("UPDATE vms SET last_connected = c.at FROM unnest(%s::bigint[], %s::text[]) AS c(id, at) "
-                 "WHERE vms.id = c.id", (list(when), list(when.values())))
-    return [_none for _ in writes]
+class _Returned:
+    """The VM ids a statement returned, read once whichever write asks first."""
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self._cur, self._ids = cur, None  # type: ignore[var-annotated]
+
+    def has(self, pk: int) -> bool:
+        if self._ids is None:
+            self._ids = {row[0] for row in self._cur.fetchall()}
+        return pk in self._ids
+
+    def results(self, writes: Sequence[Any], code: ErrorCode, message: str) -> list[Result]:
+        """Each write's: itself when the statement returned its VM, else it fails alone (the
+        statement changed nothing for it)."""
+        def result(w: Any) -> None:
+            if not self.has(w.vm_pk):
+                raise CommandError(code, message)
+        return [functools.partial(result, w) for w in writes]
+
+
+def _send_connects(conn: psycopg.Connection, writes: Sequence[Connect], lease: int) -> list[Result]:
+    """Presence rows taken where nobody holds the VM (ON CONFLICT DO NOTHING: an empty RETURNING
+    is "another session has it", atomically), and last_connected where they were."""
+    cur = conn.execute(
+        "WITH c AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS c(vm, at, holder, peer)), "
+        "p AS (INSERT INTO vmserver_presence (vm, lease, holder, peer) SELECT vm, %s, holder, peer FROM c "
+        "      ON CONFLICT (vm) DO NOTHING RETURNING vm) "
+        "UPDATE vms SET last_connected = c.at FROM c JOIN p ON p.vm = c.vm WHERE vms.id = c.vm RETURNING vms.id",
+        ([w.vm_pk for w in writes], [w.when for w in writes], [w.holder for w in writes], [w.peer for w in writes],
+         lease))
+    return _Returned(cur).results(writes, ErrorCode.CONFLICT, "the VM is connected by another session")
+
+
+def _send_authorizes(conn: psycopg.Connection, writes: Sequence[Authorize], lease: int) -> list[Result]:
+    cur = conn.execute(
+        "UPDATE vmserver_presence p SET authorized = a.flag FROM unnest(%s::bigint[], %s::text[], %s::boolean[]) "
+        "AS a(vm, holder, flag) WHERE p.vm = a.vm AND p.holder = a.holder AND p.lease = %s RETURNING p.vm",
+        ([w.vm_pk for w in writes], [w.holder for w in writes], [w.on for w in writes], lease))
+    return _Returned(cur).results(writes, ErrorCode.NOT_CONNECTED, "the session no longer holds the VM")
+
+
+def _send_disconnects(conn: psycopg.Connection, writes: Sequence[Disconnect], lease: int) -> list[Result]:
+    cur = conn.execute(
+        "DELETE FROM vmserver_presence p USING unnest(%s::bigint[], %s::text[]) AS d(vm, holder) "
+        "WHERE p.vm = d.vm AND p.holder = d.holder AND p.lease = %s RETURNING p.vm",
+        ([w.vm_pk for w in writes], [w.holder for w in writes], lease))
+    return _Returned(cur).results(writes, ErrorCode.NOT_CONNECTED, "the session no longer holds the VM")
+
+
+def _send_reap(conn: psycopg.Connection, w: Reap) -> Result:
+    """Expired leases and their presence rows, in one statement: each row lock makes one reaper
+    (a lease another server's batch is fencing on is reaped only once that batch committed).
+    The result: [(vm_id, peer)] disconnected."""
+    cur = conn.execute(
+        "WITH gone AS (DELETE FROM vmserver_servers WHERE expires_at < clock_timestamp() RETURNING lease), "
+        "p AS (DELETE FROM vmserver_presence WHERE lease IN (SELECT lease FROM gone) RETURNING vm, peer) "
+        "SELECT vms.vm_id, p.peer FROM p JOIN vms ON vms.id = p.vm ORDER BY vms.id")
+    return lambda: cur.fetchall()
 
 
 def _send_prune_history(conn: psycopg.Connection, w: PruneHistory) -> Result:
@@ -233,61 +341,70 @@ def _send_prune_history(conn: psycopg.Connection, w: PruneHistory) -> Result:
 
 
 # Each sends a run of writes of its kind, in as few statements as keep their meaning.
-_RUNS: dict[type, Callable[[psycopg.Connection, Any], list[Result]]] = {
+_RUNS: dict[type, Callable[[psycopg.Connection, Any, int], list[Result]]] = {
     AddVM: _send_add_vms,
     UpdateVM: _send_update_vms,
     RemoveVM: _send_remove_vms,
-    SetLastConnected: _send_set_last_connected,
+    Connect: _send_connects,
+    Authorize: _send_authorizes,
+    Disconnect: _send_disconnects,
 }
 
 
-def _send_history(conn: psycopg.Connection, rows: Sequence[HistoryRow]) -> None:
-    """Every row in one statement, in order (their ids follow it)."""
-    if rows:
-        conn.execute(_HISTORY, [list(column) for column in zip(*rows)])
-
-
-def _send(conn: psycopg.Connection, write: Write, history: Sequence[HistoryRow]) -> Result:
-    """One job: its write, then its history rows."""
+def _send(conn: psycopg.Connection, write: Write, lease: int) -> Result:
+    """One job's write (its history rows go into the feed at the commit)."""
     if write is None:
-        result: Result = _none
-    elif isinstance(write, PruneHistory):
-        result = _send_prune_history(conn, write)
-    else:
-        result = _RUNS[type(write)](conn, [write])[0]
-    _send_history(conn, history)
-    return result
+        return _none
+    if isinstance(write, PruneHistory):
+        return _send_prune_history(conn, write)
+    if isinstance(write, Reap):
+        return _send_reap(conn, write)
+    return _RUNS[type(write)](conn, [write], lease)[0]
 
 
-def _send_all(conn: psycopg.Connection, jobs: Sequence[Job]) -> list[Result]:
-    """Every job of a batch, in order, in as few statements as keep their meaning: consecutive
-    writes of one kind as one run (a write that is only history rows does not end a run), and
-    the history rows of them all in one more statement at the end (those of the jobs before a
-    PruneHistory before it, so that it sees them as one by one it would)."""
+def _send_all(conn: psycopg.Connection, jobs: Sequence[Job], lease: int) -> list[Result]:
+    """Every job's write, in order, in as few statements as keep their meaning: consecutive
+    writes of one kind as one run (a write that is only history rows does not end a run)."""
     results: list[Result] = [_none] * len(jobs)
-    history: list[HistoryRow] = []
     run: list[tuple[int, Any]] = []  # (job index, write), all of one kind
 
     def flush() -> None:
         if run:
-            for (i, _), result in zip(run, _RUNS[type(run[0][1])](conn, [w for _, w in run])):
+            for (i, _), result in zip(run, _RUNS[type(run[0][1])](conn, [w for _, w in run], lease)):
                 results[i] = result
             run.clear()
 
-    for i, (_, write, rows) in enumerate(jobs):
-        if isinstance(write, PruneHistory):
+    for i, (_, write, _, _) in enumerate(jobs):
+        if isinstance(write, (PruneHistory, Reap)):
             flush()
-            _send_history(conn, history)
-            history = []
-            results[i] = _send_prune_history(conn, write)
+            results[i] = _send(conn, write, lease)
         elif write is not None:
             if run and type(run[0][1]) is not type(write):
                 flush()
             run.append((i, write))
-        history.extend(rows)
     flush()
-    _send_history(conn, history)
     return results
+
+
+def _reaped_changes(result: list[tuple[str, str | None]]) -> list[PresenceChanged]:
+    return [PresenceChanged(vm_id, None, False, "vm_disconnected", None, "server_lost") for vm_id, _ in result]
+
+
+def _feed_rows(jobs: Sequence[Job], outcomes: Sequence[Outcome], now: str) -> list[tuple[Any, ...]]:
+    """The history rows of the jobs that succeeded, each with its change's payload."""
+    rows: list[tuple[Any, ...]] = []
+    for (_, write, history, changes), (result, error) in zip(jobs, outcomes):
+        if error is not None:
+            continue
+        if isinstance(write, Reap):
+            rows += [(now, vm_id, "vm_disconnected", peer, "server_lost", None, encode(change))
+                     for (vm_id, peer), change in zip(result, _reaped_changes(result))]
+            continue
+        made = list(changes(result)) if changes is not None else []
+        for i, row in enumerate(history):
+            change = made[i] if i < len(made) else None
+            rows.append((*row, None if change is None else encode(change)))
+    return rows
 
 
 def read_history(conn: psycopg.Connection, vm_id: str | None, event: str | None, since: str | None,
@@ -311,8 +428,17 @@ class _Lost(Exception):
         self.reason, self.xid, self.outcomes = reason, xid, outcomes
 
 
-class _Fatal(Exception):
-    """Another server holds, or held, the database while this one was disconnected."""
+class _Fed(list):  # type: ignore[type-arg]
+    """A batch's outcomes, and the feed numbers its rows got (first, last; none: last < first)."""
+
+    seqs = (1, 0)
+
+
+def _outcome(result: Result) -> Outcome:
+    try:
+        return result(), None
+    except CommandError as exc:  # the write's statement changed nothing for it (presence taken, or gone)
+        return None, exc
 
 
 def _broken(conn: psycopg.Connection) -> bool:
@@ -321,15 +447,18 @@ def _broken(conn: psycopg.Connection) -> bool:
 
 # --- the store ----------------------------------------------------------------------------------
 
-_UP, _DOWN, _FATAL, _CLOSED = "up", "down", "fatal", "closed"
+_UP, _DOWN, _CLOSED = "up", "down", "closed"
 
 
 class PostgresStore(Committed):
     """The storage port (base.Store) on a PostgreSQL database: the primary connection written
     by a group-committing writer thread and watched by a watchdog thread, :class:`Readers`
-    beside it."""
+    beside it, this server's :class:`Lease`, and the feed (:class:`Listener`, :class:`Sequencer`)."""
 
-    def __init__(self, dsn: str, max_batch: int = DEFAULT_MAX_BATCH, connect_timeout: float = 5.0) -> None:
+    shared = True
+
+    def __init__(self, dsn: str, max_batch: int = DEFAULT_MAX_BATCH, connect_timeout: float = 5.0,
+                 lease_ttl: float = DEFAULT_LEASE_TTL, server_id: str = SERVER_ID) -> None:
         self.label = mask_dsn(dsn)
         self._dsn = dsn
         try:
@@ -343,8 +472,11 @@ class PostgresStore(Committed):
                       f"{params.get('port') or os.environ.get('PGPORT') or 5432}"
         self._connect_timeout = connect_timeout
         self.application_name = f"vmserver pid {os.getpid()}"
-        self._token = secrets.token_hex(16)  # this server's, in vmserver_owner while it holds the lock
-        self.on_fatal: Callable[[str], Any] | None = None  # set by the owner before start(); called on the loop
+        self.server_id = server_id
+        self.on_change: Callable[[Any], Any] | None = None  # set by the owner: applies other servers' changes
+        # Set by the owner: the lease is lost (close every session) / held again (serve again).
+        self.on_unavailable: Callable[[str], Any] | None = None
+        self.on_available: Callable[[], Any] | None = None
         self.resolve_wait = RESOLVE_WAIT
         self.batch_deadline = BATCH_DEADLINE
         self.read_deadline = READ_DEADLINE
@@ -352,11 +484,10 @@ class PostgresStore(Committed):
         # The primary: used by whoever holds _conn_lock (the writer, the watchdog, load/snapshot).
         self._conn_lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
-        self._backend = 0  # the primary's backend pid: ours, if a stale session of ours still holds the lock
+        self._backend = 0  # the primary's backend pid: ended on reconnect if it lingers (its row locks)
         self._state = _DOWN
         self._down_since = 0.0
         self._down_reason = ""
-        self._fatal_line = ""
         self._last_ok = time.monotonic()  # the primary's last answer; the watchdog pings after PING_INTERVAL
         self._busy_since: float | None = None  # when the batch under way started
         self._cut_lock = threading.Lock()  # the primary's socket is closed, or cut by the watchdog, under it
@@ -373,19 +504,35 @@ class PostgresStore(Committed):
                 raise StorageError(f"cannot use database {self.label}: PostgreSQL {conn.info.server_version // 10000} "
                                    f"is too old, vmserver needs {MIN_SERVER_VERSION // 10000} or newer")
             self._check_version(conn, self._version(conn))
-            self._take_lock(conn, starting=True)
             self._migrate(conn)
-            self._claim(conn)
         except psycopg.Error as exc:
             conn.close()
             raise StorageError(f"cannot use database {self.label}: {self._reason(exc)}") from None
         except BaseException:
             conn.close()
             raise
+        self.lease = Lease(self, lease_ttl, server_id)
+        try:
+            self.lease.join()
+        except psycopg.Error as exc:
+            conn.close()
+            self.lease.close()
+            raise StorageError(f"cannot use database {self.label}: {self._reason(exc)}") from None
+        except BaseException:
+            conn.close()
+            self.lease.close()
+            raise
+        self.lease.on_lost = self._lease_lost
+        self.lease.on_held = self._lease_held
         self._install(conn)
         self.readers = Readers(self, READERS)
-        self.writer = GroupCommitter(self.label, self._execute, max_batch)
+        self.writer = GroupCommitter(self.label, self._execute, max_batch, deliver=self._deliver)
         self._watchdog = threading.Thread(target=self._watch, name="vmserver-pg-watchdog", daemon=True)
+        self.position = 0  # the feed number load() read at
+        self.presence: dict[int, tuple[str, bool]] = {}  # at load(): VM id -> (holder, authorized)
+        self.feed: Sequencer | None = None
+        self._listener = Listener(self, self._poke)
+        self._catch_up: asyncio.TimerHandle | None = None
 
     # --- connections ------------------------------------------------------------------------
 
@@ -409,9 +556,13 @@ class PostgresStore(Committed):
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to PostgreSQL at {self._where}: {self._reason(exc)}") from None
         try:
-            conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-            if role == "primary":
+            if role == "lease":  # a renewal that waits is as good as none
+                conn.execute(f"SET statement_timeout = {max(500, int(self.lease.renew_every * 500))}")
+            else:
+                conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            if role in ("primary", "lease"):
                 conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+                conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
             else:
                 conn.execute("SET default_transaction_read_only = on")
         except psycopg.Error as exc:
@@ -456,70 +607,92 @@ class PostgresStore(Committed):
             conn.execute("INSERT INTO vmserver_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
         log.info("database %s migrated from schema version %d to %d", self.label, version, SCHEMA_VERSION)
 
-    # --- the one-server lock ------------------------------------------------------------------
-
-    def _take_lock(self, conn: psycopg.Connection, starting: bool) -> None:
-        """Take LOCK_KEY on ``conn``'s session.
-
-        :raises StorageError: (starting) another server holds it.
-        :raises _Fatal: (reconnecting) another server holds it.
-        :raises psycopg.OperationalError: (reconnecting) a stale session of ours still holds it;
-            it was told to end, try again shortly.
-        """
-        for _ in range(3):  # the holder may let go between our try and our look at it
-            if conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
-                return
-            holder = self._holder(conn)
-            if holder is None:
-                continue
-            backend, app = holder
-            if not starting and backend == self._backend and app == self.application_name:
-                # Our previous primary, which PostgreSQL has not yet seen die (a cut network):
-                # it is ours to end, and it commits nothing more (its client is gone).
-                log.warning("database %s: ending this server's previous session (backend %d), which still holds "
-                            "the lock", self.label, backend)
-                conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
-                raise psycopg.OperationalError(f"the previous session (backend {backend}) still holds the lock")
-            match = re.fullmatch(r"vmserver pid (\d+)", app or "")
-            who = f"pid {match.group(1)}" if match else (f"application_name {app!r}" if app else "pid ?")
-            line = f"database {self.label} is in use by another vmserver ({who}, PostgreSQL backend {backend})"
-            if starting:
-                raise StorageError(line)
-            raise _Fatal(line)
-        raise psycopg.OperationalError("the one-server lock changes hands too fast")
-
-    @staticmethod
-    def _holder(conn: psycopg.Connection) -> tuple[int, str | None] | None:
-        """Who holds LOCK_KEY in this database: (backend pid, application_name if readable)."""
-        row = conn.execute(
-            "SELECT l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND l.classid::bigint = %s AND l.objid::bigint = %s",
-            ((LOCK_KEY >> 32) & 0xFFFFFFFF, LOCK_KEY & 0xFFFFFFFF)).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def _claim(self, conn: psycopg.Connection) -> None:
-        """Write our token as the holder's (we hold the lock)."""
-        with conn.transaction():
-            conn.execute("DELETE FROM vmserver_owner")
-            conn.execute("INSERT INTO vmserver_owner (token, pid, since) VALUES (%s, %s, now())",
-                         (self._token, os.getpid()))
-
-    def _still_ours(self, conn: psycopg.Connection) -> None:
-        """After re-taking the lock: :raises _Fatal: another server held it meanwhile."""
-        row = conn.execute("SELECT token, pid FROM vmserver_owner").fetchone()
-        if row is None or row[0] != self._token:
-            who = f"pid {row[1]}" if row is not None else "its owner row is gone"
-            raise _Fatal(f"database {self.label} was used by another vmserver ({who}) while this one was "
-                         "disconnected; this server's inventory is out of date")
-
     # --- the port ---------------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.feed = Sequencer(self.position, self._fetch, self._apply_row, self.lease.own)
         self.writer.start(loop)
         self._watchdog.start()
+        self.lease.start(loop)
+        self._listener.start(loop)
+        self._poke()  # what other servers wrote between load() and now
+
+    # --- the cluster: the lease and the feed (pg_cluster.py) ---------------------------------------
+
+    @property
+    def servers(self) -> list[dict[str, Any]]:
+        """The live servers, as of this server's last renewal."""
+        return self.lease.servers
+
+    def reap(self) -> None:
+        """Disconnect what expired leases held (on the loop: the lease thread saw one expire)."""
+        if self._closing or self.lease.id is None:
+            return
+        def reaped(result: list[tuple[str, str | None]]) -> None:
+            if result:
+                log.warning("database %s: reaped %d VMs of lost servers: %s", self.label, len(result),
+                            ", ".join(vm_id for vm_id, _ in result[:10]) + (", ..." if len(result) > 10 else ""))
+            for change in _reaped_changes(result):
+                self._apply_change(change)
+        try:
+            future = self.writer.submit("reap expired leases", Reap(), (), on_commit=reaped)
+        except CommandError:
+            return
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures are logged by the batch
+
+    def _apply_change(self, change: Any) -> None:
+        if self.on_change is not None:
+            self.on_change(change)
+
+    def _apply_row(self, row: FeedRow) -> None:
+        """Another server's feed row (on the loop)."""
+        seq, vm_id, event, reason, count, payload, _ = row
+        if payload is not None:  # rows without one (copied history) change nothing
+            self._apply_change(decode(vm_id, event, reason, count, payload))
+
+    def _poke(self) -> None:
+        """Read the feed now, and again in CATCH_UP seconds whatever happens (on the loop)."""
+        if self.feed is None or self._closing or self._loop is None:
+            return
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+        self._catch_up = self._loop.call_later(CATCH_UP, self._poke)
+        self.feed.poke()
+
+    def _fetch(self, after: int) -> None:
+        feed = self.feed
+        assert feed is not None and self._loop is not None
+        try:
+            reading = self.readers.submit("read the feed", lambda conn: conn.execute(_READ_FEED, (after,)).fetchall())
+        except StorageError:
+            feed.fetched(after, None)
+            return
+        loop = self._loop
+        # A hung PostgreSQL never answers: the read is cut after read_deadline, so it fails (and
+        # the next poke reads again) instead of holding a reader thread for good.
+        deadline = loop.call_later(self.read_deadline, self.readers.cut, self.read_deadline)
+
+        def done(f: Future[list[FeedRow]]) -> None:
+            rows = None if f.cancelled() or f.exception() is not None else f.result()
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deadline.cancel)
+                loop.call_soon_threadsafe(feed.fetched, after, rows)
+        reading.add_done_callback(done)
+
+    def _deliver(self, batch: list[Any], outcomes: list[Outcome]) -> None:
+        """A batch of ours committed (on the loop): into memory in the feed's order."""
+        first, last = getattr(outcomes, "seqs", (1, 0))
+        assert self.feed is not None
+        self.feed.local(first, last, lambda: GroupCommitter.deliver_now(batch, outcomes))
+
+    def _lease_lost(self, why: str) -> None:
+        if self.on_unavailable is not None:
+            self.on_unavailable(why)
+
+    def _lease_held(self) -> None:
+        if self.on_available is not None:
+            self.on_available()
 
     async def read_history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                            limit: int) -> list[StoredHistoryRow]:
@@ -545,10 +718,15 @@ class PostgresStore(Committed):
                 raise StorageError(f"database {self.label}: {what} failed: {self._reason(exc)}") from None
 
     def load(self) -> tuple[list[VMRow], list[DiskRow]]:
+        """The inventory, and (``presence``, ``position``) who holds what and the feed's number,
+        all from one snapshot: the feed is applied from there on."""
         def read(conn: psycopg.Connection) -> tuple[list[VMRow], list[DiskRow]]:
+            self.position = conn.execute("SELECT seq FROM vmserver_feed").fetchone()[0]
             vms = [VMRow(*row) for row in conn.execute(
                 "SELECT id, vm_id, ram, cpu, password_hash, last_connected FROM vms ORDER BY id")]
             disks = [DiskRow(*row) for row in conn.execute("SELECT id, disk_id, size, vm_id FROM disks ORDER BY id")]
+            self.presence = {vm: (holder, authorized) for vm, holder, authorized in conn.execute(
+                "SELECT vm, holder, authorized FROM vmserver_presence")}
             return vms, disks
         return self._read("load", read)
 
@@ -573,8 +751,12 @@ class PostgresStore(Committed):
                 raise StorageError(f"database {self.label}: copy failed: not connected ({self._down_reason})")
             try:
                 with conn.transaction():
-                    vms, history = conn.execute("SELECT EXISTS (SELECT 1 FROM vms), "
-                                                "EXISTS (SELECT 1 FROM history)").fetchone()
+                    vms, history, others = conn.execute(
+                        "SELECT EXISTS (SELECT 1 FROM vms), EXISTS (SELECT 1 FROM history), "
+                        "EXISTS (SELECT 1 FROM vmserver_servers WHERE lease <> %s AND expires_at > clock_timestamp())",
+                        (self.lease.id,)).fetchone()
+                    if others:  # they would never hear of what is copied in
+                        raise StorageError(f"database {self.label} is in use by a running vmserver; stop it first")
                     if vms or history:
                         raise StorageError(f"database {self.label} already holds "
                                            f"{'VMs' if vms else 'history'}; copy only into an empty one")
@@ -585,12 +767,13 @@ class PostgresStore(Committed):
                                     copy.write_row(row)
                             cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                                         f"coalesce(max(id), 1), max(id) IS NOT NULL) FROM {table}")
+                        cur.execute("UPDATE vmserver_feed SET seq = (SELECT coalesce(max(id), 0) FROM history)")
             except psycopg.Error as exc:
                 raise StorageError(f"database {self.label}: copy failed: {self._reason(exc)}") from None
 
     def close(self, timeout: float = 10.0) -> bool:
-        """The writer first (it finishes the queued writes), then the watchdog and the readers;
-        then the lock is let go and the primary closed."""
+        """The writer first (it finishes the queued writes), then the feed, the watchdog and the
+        readers; then the lease is given back and the primary closed."""
         if not self.writer.close(timeout):  # still busy: leave the connection open under it
             return False
         if self._closed:
@@ -599,23 +782,23 @@ class PostgresStore(Committed):
         with self._changed:
             self._closing = True
             self._changed.notify_all()
+        if self._catch_up is not None and self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._catch_up.cancel)
+        self._listener.close()
         self._wake.set()
         if self._watchdog.is_alive():
             self._watchdog.join(self._connect_timeout + PING_TIMEOUT + 1)
+        self.readers.cut(0)  # reads still waiting on a hung PostgreSQL fail now: nobody waits for them
         self.readers.close()
+        self.lease.close()
         with self._conn_lock:
             conn, self._conn = self._conn, None
             with self._changed:
                 self._state = _CLOSED
                 self._changed.notify_all()
         if conn is not None:
-            try:
-                if not _broken(conn):
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-            except psycopg.Error as exc:
-                log.warning("database %s: releasing the lock failed: %s", self.label, self._reason(exc))
-            finally:
-                conn.close()
+            conn.close()
         return True
 
     # --- the writer thread ------------------------------------------------------------------
@@ -643,56 +826,74 @@ class PostgresStore(Committed):
                         self._busy_since = None
             if lost.xid is None:  # it died before the COMMIT was sent: the transaction died with it
                 return [(None, StorageError(f"database {self.label}: {what} failed: the connection was lost "
-                                            f"({lost.reason}); nothing was written")) for what, _, _ in jobs]
+                                            f"({lost.reason}); nothing was written")) for what, *_ in jobs]
             return self._resolve(jobs, lost)
         except Exception as exc:  # a bug: the writer thread must go on
             log.exception("database %s: a batch of %d writes", self.label, len(jobs))
-            return [(None, StorageError(f"database {self.label}: {what} failed: {exc}")) for what, _, _ in jobs]
+            return [(None, StorageError(f"database {self.label}: {what} failed: {exc}")) for what, *_ in jobs]
 
-    def _refused(self, jobs: list[Job]) -> list[Outcome]:
-        if self._state == _FATAL:
-            why = f"refused: {self._fatal_line}"
-        else:
+    def _refused(self, jobs: list[Job], why: str | None = None) -> list[Outcome]:
+        if why is None:
             why = f"failed: not connected to PostgreSQL ({self._down_reason}); reconnecting"
-        return [(None, StorageError(f"database {self.label}: {what} {why}")) for what, _, _ in jobs]
+        return [(None, StorageError(f"database {self.label}: {what} {why}")) for what, *_ in jobs]
 
     def _batch(self, conn: psycopg.Connection, jobs: list[Job]) -> list[Outcome]:
-        """The batch straight through, in one pipeline (one round trip) and one commit; only if a
-        job fails, again with a savepoint around each job, so that it fails alone (see
-        sqlite.Store.write_batch). :raises _Lost: the connection died."""
+        """The batch straight through, in one pipeline (one round trip), then its feed rows and
+        the commit; only if a job fails, again with a savepoint around each job, so that it
+        fails alone (see sqlite.Store.write_batch). :raises _Lost: the connection died."""
+        lease = self.lease.id
+        if lease is None:
+            return self._refused(jobs, "refused: this server holds no lease on the database (it lost touch for "
+                                       "too long); reconnect, to it or to another server")
         try:
             with conn.pipeline():
                 conn.execute("BEGIN")
                 xid = conn.execute("SELECT pg_current_xact_id()::text")
-                results = _send_all(conn, jobs)
-            outcomes: list[Outcome] = [(result(), None) for result in results]
+                fence = conn.execute(_FENCE, (lease,))
+                results = _send_all(conn, jobs, lease)
             xid_text = xid.fetchone()[0]
+            fenced = fence.fetchone() is None
+            outcomes: list[Outcome] = [] if fenced else [_outcome(result) for result in results]
         except Exception as exc:  # psycopg.Error, or a bug in a job: find out which, keep the others
             if isinstance(exc, psycopg.Error) and _broken(conn):
                 raise _Lost(self._reason(exc)) from None
             self._rollback(conn)
             if len(jobs) == 1 and isinstance(exc, psycopg.Error):  # the transaction was its isolation
                 return [(None, self._failure(jobs[0][0], exc))]
-            return self._isolated(conn, jobs)
-        return self._commit(conn, xid_text, jobs, outcomes)
+            return self._isolated(conn, jobs, lease)
+        if fenced:
+            return self._fenced(conn, jobs, lease)
+        return self._commit(conn, xid_text, jobs, outcomes, lease)
 
-    def _isolated(self, conn: psycopg.Connection, jobs: list[Job]) -> list[Outcome]:
+    def _fenced(self, conn: psycopg.Connection, jobs: list[Job], lease: int) -> list[Outcome]:
+        """Our lease is gone (expired while we were paused or cut off): nothing is written."""
+        self._rollback(conn)
+        self.lease.lost_now(f"lease {lease} had expired when a batch checked it")
+        return self._refused(jobs, "refused: this server's lease on the database had expired; reconnect, to it "
+                                   "or to another server")
+
+    def _isolated(self, conn: psycopg.Connection, jobs: list[Job], lease: int) -> list[Outcome]:
         try:
-            conn.execute("BEGIN")
-            xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                xid = conn.execute("SELECT pg_current_xact_id()::text")
+                fence = conn.execute(_FENCE, (lease,))
+            xid_text = xid.fetchone()[0]
+            if fence.fetchone() is None:
+                return self._fenced(conn, jobs, lease)
         except psycopg.Error as exc:
             if _broken(conn):
                 raise _Lost(self._reason(exc)) from None
             self._rollback(conn)
-            return [(None, self._failure(what, exc)) for what, _, _ in jobs]
+            return [(None, self._failure(what, exc)) for what, *_ in jobs]
         outcomes: list[Outcome] = []
-        for what, write, rows in jobs:
+        for what, write, _, _ in jobs:
             try:
                 with conn.pipeline():
                     conn.execute("SAVEPOINT job")
-                    result = _send(conn, write, rows)
+                    result = _send(conn, write, lease)
                     conn.execute("RELEASE job")
-                outcomes.append((result(), None))
+                outcomes.append(_outcome(result))
             except Exception as exc:  # psycopg.Error, or a bug in the job: it fails, not the batch
                 if not isinstance(exc, psycopg.Error):
                     log.exception("database %s: %s", self.label, what)
@@ -705,20 +906,34 @@ class PostgresStore(Committed):
                     if _broken(conn):
                         raise _Lost(self._reason(undo)) from None
                     self._rollback(conn)
-                    return [(None, self._failure(what, exc)) for what, _, _ in jobs]
+                    return [(None, self._failure(what, exc)) for what, *_ in jobs]
                 outcomes.append((None, self._failure(what, exc)))
-        return self._commit(conn, xid, jobs, outcomes)
+        return self._commit(conn, xid_text, jobs, outcomes, lease)
 
-    def _commit(self, conn: psycopg.Connection, xid: str, jobs: list[Job], outcomes: list[Outcome]) -> list[Outcome]:
+    def _commit(self, conn: psycopg.Connection, xid: str, jobs: list[Job], outcomes: list[Outcome],
+                lease: int) -> list[Outcome]:
+        """The feed rows (numbered last, so the counter's row lock is held for the shortest
+        time), a NOTIFY if another server listens (one per transaction), and the COMMIT, in
+        one round trip."""
+        rows = _feed_rows(jobs, outcomes, utc_now())
+        fed = _Fed(outcomes)
         try:
-            conn.execute("COMMIT", prepare=False)
+            with conn.pipeline():
+                if rows:
+                    numbered = conn.execute(_FEED, (len(rows), len(rows), lease, *map(list, zip(*rows))))
+                    if self.lease.others:
+                        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.server_id))
+                conn.execute("COMMIT", prepare=False)
+            if rows:
+                last = numbered.fetchone()[0]
+                fed.seqs = (last - len(rows) + 1, last)
         except psycopg.Error as exc:
             if _broken(conn):  # COMMIT was sent: it may or may not have happened
-                raise _Lost(self._reason(exc), xid, outcomes) from None
+                raise _Lost(self._reason(exc), xid, fed) from None
             self._rollback(conn)
             return [(None, StorageError(f"database {self.label}: commit failed: {self._reason(exc)}"))
                     for _ in jobs]
-        return outcomes
+        return fed
 
     def _rollback(self, conn: psycopg.Connection) -> None:
         """:raises _Lost: the connection died."""
@@ -737,13 +952,21 @@ class PostgresStore(Committed):
             self._drop(lost.reason)
 
     def _failure(self, what: str, exc: Exception) -> CommandError:
-        """A unique violation is a clash the in-memory checks could not see (a row written by
-        hand): the protocol's already_exists or conflict. Anything else: nothing was changed."""
+        """A unique violation is a clash the in-memory checks could not see (another server's
+        write not read yet, a row written by hand): the protocol's already_exists or conflict;
+        a VM connected through another server cannot be removed (conflict), nor one removed
+        there connected (not_found). Anything else: nothing was changed."""
+        if isinstance(exc, CommandError):
+            return exc
         if isinstance(exc, psycopg.errors.UniqueViolation):
             if exc.diag.constraint_name == "vms_vm_id_key":
                 return vm_taken(what)
             if exc.diag.constraint_name == "disks_disk_id_key":
                 return disk_taken(what)
+        if isinstance(exc, psycopg.errors.ForeignKeyViolation) and exc.diag.constraint_name == "presence_vm_fkey":
+            if what.startswith("remove"):
+                return CommandError(ErrorCode.CONFLICT, f"{what}: the VM is connected (through another server)")
+            return CommandError(ErrorCode.NOT_FOUND, f"{what}: the VM was removed (through another server)")
         return StorageError(f"database {self.label}: {what} failed: {self._reason(exc)}")
 
     def _resolve(self, jobs: list[Job], lost: _Lost) -> list[Outcome]:
@@ -767,13 +990,13 @@ class PostgresStore(Committed):
         if status == "aborted":
             return [(None, StorageError(f"database {self.label}: {what} failed: the connection was lost during "
                                         f"the commit ({lost.reason}), which did not happen; nothing was written"))
-                    for what, _, _ in jobs]
+                    for what, *_ in jobs]
         log.error("database %s: the connection was lost during a commit of %d writes (transaction %s) and "
                   "PostgreSQL could not be asked within %gs whether it happened; they are reported failed",
                   self.label, len(jobs), lost.xid, self.resolve_wait)
         return [(None, StorageError(f"database {self.label}: {what} failed: the connection was lost during the "
                                     f"commit ({lost.reason}); whether it was written is unknown"))
-                for what, _, _ in jobs]
+                for what, *_ in jobs]
 
     # --- losing and finding the primary (the watchdog thread) ---------------------------------
 
@@ -806,9 +1029,6 @@ class PostgresStore(Committed):
             try:
                 self._reconnect()
                 delay = BACKOFF_MIN
-            except _Fatal as exc:
-                self._fatal(str(exc))
-                return
             except (psycopg.Error, StorageError) as exc:
                 reason = exc.message if isinstance(exc, StorageError) else self._reason(exc)
                 log.debug("database %s: reconnecting failed (%s); again in %.2fs", self.label, reason, delay)
@@ -852,18 +1072,15 @@ class PostgresStore(Committed):
             self._conn_lock.release()
 
     def _reconnect(self) -> None:
-        """A new primary: connect, re-take the lock, answer the lost commits, check nobody held
-        the database meanwhile. :raises _Fatal: somebody did. :raises psycopg.Error, StorageError:
-        not yet (try again)."""
+        """A new primary: connect, end our previous session if PostgreSQL has not seen it die (a
+        cut network: its open transaction would hold row locks, the feed counter's among them),
+        answer the lost commits. :raises psycopg.Error, StorageError: not yet (try again)."""
         conn = self.connect("primary")
         try:
-            try:
-                self._take_lock(conn, starting=False)
-            except _Fatal:
-                self._answered(self._ask(conn))  # our old session has ended: somebody else holds the lock
-                raise
-            answers = self._ask(conn)  # ours again: so our old session has ended
-            self._still_ours(conn)
+            if self._backend:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                             "AND application_name = %s", (self._backend, self.application_name))
+            answers = self._ask(conn)
         except BaseException:
             conn.close()
             raise
@@ -908,20 +1125,6 @@ class PostgresStore(Committed):
                                   "the in-memory inventory misses its writes until the server restarts",
                                   self.label, xid)
             self._changed.notify_all()
-
-    def _fatal(self, line: str) -> None:
-        """Stop writing for good and tell the owner (on the loop): another server has the database."""
-        with self._conn_lock:
-            self._drop(line)
-            with self._changed:
-                self._state, self._fatal_line = _FATAL, line
-                self._changed.notify_all()
-        log.error("%s; this server stops writing", line)
-        if self.on_fatal is not None and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self.on_fatal, line)
-            except RuntimeError:  # the loop is closed: nobody is left to tell
-                pass
 
 
 def _ping(conn: psycopg.Connection, timeout: float) -> str | None:

@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import CommandError, StorageError
-from .base import (AddVM, DiskRow, HistoryRow, Job, Outcome, PruneHistory, RemoveVM, SetLastConnected, Snapshot,
+from ..presence import SERVER_ID
+from ..protocol import utc_now
+from .base import (AddVM, Connect, DiskRow, HistoryRow, Job, Outcome, PruneHistory, RemoveVM, Snapshot,
                    StoredHistoryRow, UpdateVM, VMRow, Write, disk_taken, history_filter, vm_taken)
 from .group_commit import DEFAULT_MAX_BATCH, Committed, GroupCommitter
 
@@ -132,7 +135,7 @@ _WRITES: dict[type, Callable[[sqlite3.Connection, Any], Any]] = {
                                    w.last_connected),
     UpdateVM: lambda db, w: update_vm(db, w.vm_pk, w.ram, w.cpu, w.remove, w.resize, w.add),
     RemoveVM: lambda db, w: delete_vm(db, w.vm_pk),
-    SetLastConnected: lambda db, w: set_last_connected(db, w.vm_pk, w.when),
+    Connect: lambda db, w: set_last_connected(db, w.vm_pk, w.when),  # presence is the server's own memory
     PruneHistory: lambda db, w: prune_history(db, w.before, w.limit),
 }
 
@@ -510,7 +513,7 @@ class Store:
     def _all_failed(self, jobs: Sequence[tuple[str, Any, Any]], exc: Exception,
                     step: str | None = None) -> list[Outcome]:
         """Every job fails of one cause, named by ``step`` (the commit) or else by each job's name."""
-        return [(None, StorageError(f"database {self.path}: {step or what} failed: {exc}")) for what, _, _ in jobs]
+        return [(None, StorageError(f"database {self.path}: {step or what} failed: {exc}")) for what, *_ in jobs]
 
     def _abandon(self) -> None:
         try:
@@ -555,12 +558,15 @@ class SQLiteStore(Committed):
         _make_parent(path)
         self.db = Store(path, busy_timeout_ms)
         self.label = path
-        self.on_fatal: Callable[[str], None] | None = None  # never called: nothing can take the file away
+        self.shared = False  # one server per file (its lock file): presence stays in the server's memory
+        self.on_change: Callable[[Any], Any] | None = None  # never called: no other server writes here
+        self.servers = [{"server_id": SERVER_ID, "host": socket.gethostname(), "pid": os.getpid(),
+                         "since": utc_now()}]
         self.writer = GroupCommitter(path, self._execute, max_batch)
         self._closed = False
 
     def _execute(self, jobs: list[Job]) -> list[Outcome]:
-        return self.db.write_batch([(what, run_write, (write, history)) for what, write, history in jobs])
+        return self.db.write_batch([(what, run_write, (write, history)) for what, write, history, _ in jobs])
 
     def load(self) -> tuple[list[VMRow], list[DiskRow]]:
         return self.db.load()
