@@ -481,8 +481,15 @@ class Inventory:
         write = AddVM(vm_id, ram, cpu, password_hash, tuple((d.disk_id, d.size) for d in disks), now, last_connected,
                       owner.key if held else None, owner.name if held else None)
         history = [_history_row("vm_added", vm_id, who)] + ([_history_row("vm_connected", vm_id, owner)] if owner else [])
-        return await self._submit(f"add {vm_id}", write, history, changes=changes, on_commit=committed,
-                                  on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
+        try:
+            return await self._submit(f"add {vm_id}", write, history, changes=changes, on_commit=committed,
+                                      on_fail=lambda: (unreserve(), self._orphaned.pop(vm_id, None)))
+        except CommandError as exc:
+            if owner is None or not self.shared or exc.code is not ErrorCode.ALREADY_EXISTS:
+                raise
+            # Registered meanwhile through another server, by a session connecting it: as on one
+            # server, the loser of a connect_vm race hears conflict.
+            raise CommandError(ErrorCode.CONFLICT, f"VM {vm_id!r} is being registered by another session") from None
 
     async def connect(self, vm_id: str, owner: Owner) -> VM:
         """Bind a known VM to ``owner`` (idempotent for the same owner) and record last_connected.

@@ -43,6 +43,7 @@ CHANNEL = "vmserver_feed"  # NOTIFY channel: a wake-up only, never the data
 CATCH_UP = 0.5  # the feed is read this often even without a NOTIFY (the safety net)
 FETCH = 1000  # feed rows per read
 OWN_WAIT = 10.0  # a row of ours read before our commit's reply: wait this long for the reply
+RETRY = 0.2  # a read of the feed that failed (PostgreSQL away) is tried again after this long
 
 
 def _cut_after(conn: psycopg.Connection, timeout: float) -> threading.Timer:
@@ -262,8 +263,9 @@ class Listener:
                     self._conn = self.store.connect("listener")
                     self._conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.05
-                for _ in self._conn.notifies(timeout=CATCH_UP, stop_after=1):
-                    break
+                for note in self._conn.notifies(timeout=CATCH_UP, stop_after=1):
+                    if note.payload == "join":  # a server joined: our commits wake it from now on
+                        self.store.lease.others = True
                 self._wake()
             except (psycopg.Error, StorageError) as exc:
                 reason = exc.message if isinstance(exc, StorageError) else self.store._reason(exc)
@@ -303,6 +305,7 @@ class Sequencer:
         self._own_seen: dict[int, float] = {}  # our rows read before our reply: since when
         self._fetching = False
         self._again = False
+        self._retry_at = 0.0  # a read failed: none before this (monotonic), so an outage is no busy loop
         self._timer: asyncio.TimerHandle | None = None
         self.gaps = 0  # rows missing from the feed (deleted by a prune we fell behind)
 
@@ -316,6 +319,11 @@ class Sequencer:
         if self._fetching:
             self._again = True
             return
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            self._again = True
+            self._later(wait)
+            return
         self._fetching = True
         self._again = False
         self._fetch(self.applied)
@@ -323,6 +331,8 @@ class Sequencer:
     def fetched(self, after: int, rows: list[FeedRow] | None) -> None:
         """The rows after ``after`` a read found (None: the read failed)."""
         self._fetching = False
+        if rows is None:
+            self._retry_at = time.monotonic() + RETRY
         if rows:
             if rows[0][0] > after + 1 and rows[0][0] > self.applied + 1:
                 self.gaps += rows[0][0] - self.applied - 1
@@ -369,13 +379,20 @@ class Sequencer:
             except Exception:  # a row we cannot apply must not stop the feed
                 log.exception("change feed: row %d (%s %s)", row[0], row[2], row[1])
         if self._local and self._local[0][0] > self.applied + 1:
+            self._again = True
             self.poke()  # the rows before our batch: other servers' commits, not read yet
 
     def _later(self, delay: float) -> None:
-        if self._timer is None or self._timer.cancelled():
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(delay, self._timeout)
+        """Step again in ``delay`` seconds (or sooner, if already due sooner)."""
+        loop = asyncio.get_running_loop()
+        if self._timer is not None and self._timer.when() <= loop.time() + delay:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(delay, self._timeout)
 
     def _timeout(self) -> None:
         self._timer = None
         self._step()
+        if self._again:
+            self.poke()
