@@ -26,6 +26,7 @@ of the runs. Figures (see BENCHMARKS.md for what each measures and what limits i
 11. ``gc_pauses``         19,500 sessions holding VMs, then a burst of writes: stalls, GC pauses
 12. ``fleet``             10,000 agents: connect storm, mass disconnect, restart
 13. ``postgres``          figures 2 and 3 on PostgreSQL beside SQLite; the floor for PostgreSQL's writes
+14. ``cluster``           two servers vs one on PostgreSQL; event latency across servers; a killed server
 
 Results are printed as a table and written as JSON (default ``benchmarks/results.json``; in
 smoke mode a temporary file unless ``--out`` is given). Exit status: 0 when every figure
@@ -59,7 +60,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import fleet, loadgen, pg_figure, procstat
+from . import cluster_figure, fleet, loadgen, pg_figure, procstat
 from .fleet import Fleet
 from .loadgen import LoadError
 
@@ -1717,6 +1718,171 @@ def _postgres_figure(b: Bench, fig: Figure, pg: pg_figure.Sandbox) -> None:
         f"median of {s.runs} runs")
 
 
+# --- figure 14: several servers on one PostgreSQL --------------------------------------------------
+
+
+CLUSTER_TTL = 5  # figure 14's lease: (d) waits for it to expire once per run
+
+
+def fig_cluster(b: Bench, fig: Figure) -> None:
+    """Two servers against one on the same PostgreSQL: figure 4's agent lifecycle and figure 2's
+    get_all_vms spread over them; cross-server event latency; a killed server's VMs released."""
+    why = pg_figure.unavailable()
+    if why is not None:
+        fig.not_available.append(why)
+        return
+    with pg_figure.cluster(b.tmp / "pgc", _env(), b.tmp / "pgc-guard.log") as pg:
+        try:
+            _cluster_figure(b, fig, pg)
+        finally:
+            b.close()  # the servers before their database
+
+
+def _wait_list_len(port: int, expected: int, timeout: float) -> None:
+    """Until get_all_vms lists ``expected`` VMs (another server's writes arrive through the feed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_list_len(port, "get_all_vms", expected)
+            return
+        except LoadError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _spread(servers: list[ServerProc], work: Callable[[ServerProc, int], loadgen.Result],
+            expected: int) -> dict[str, Any]:
+    """``work(server, i)`` on every server at once (a thread each); the slowest one's time, and
+    the CPU each server took."""
+    def cpu(server: ServerProc) -> float:  # schedstat's nanoseconds where the kernel has them, else ticks
+        ticks, precise = server.cpu()
+        return ticks if precise is None else precise
+
+    c0 = [cpu(server) for server in servers]
+    results: list[loadgen.Result | BaseException] = [LoadError("not run")] * len(servers)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = work(servers[i], i)
+        except BaseException as exc:  # re-raised below, on the caller's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(servers))]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - t0
+    c1 = [cpu(server) for server in servers]
+    ok = 0
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+        ok += r.require_all_ok().ok
+    if ok != expected:
+        raise LoadError(f"{ok} ok replies, {expected} expected")
+    cpu = [after - before for before, after in zip(c0, c1)]
+    return {"elapsed_s": elapsed, "rate_per_s": expected / elapsed, "cpu_s": cpu,
+            "cpu_us_per_request": sum(cpu) / expected * 1e6,
+            "cpu_us_per_request_per_server": [c / (expected / len(servers)) * 1e6 for c in cpu]}
+
+
+def _cluster_figure(b: Bench, fig: Figure, pg: pg_figure.Sandbox) -> None:
+    s = b.s
+    one_dsn, two_dsn = pg.create_database("one"), pg.create_database("two")
+    ttl = ["--lease-ttl", str(CLUSTER_TTL)]
+    one = b.ours("c-one", db=one_dsn, extra=ttl)
+    two = [b.ours("c-two-a", db=two_dsn, extra=ttl), b.ours("c-two-b", db=two_dsn, extra=ttl)]
+    n = s.lifecycle_agents
+    names = [f"agent-{i}" for i in range(n)]
+    small = [vm_spec(f"vm-{i}") for i in range(1, s.small_vms + 1)]
+    configs = {"one": [one], "two": two}
+
+    def registered(specs: list[dict[str, Any]], total: int) -> None:
+        for port in (one.port, two[0].port):
+            populate(port, specs)
+        for server in (one, *two):  # the second server has read them all from the feed
+            _wait_list_len(server.port, total, s.timeout)
+
+    def lifecycle(run: int, servers: list[ServerProc]) -> dict[str, Any]:
+        scripts = [[("connect_vm", {"vm_id": v}), ("authorize_vm", {"vm_id": v}),
+                    ("update_vm", {"vm_id": v, "ram": 4096 + run}), ("deauthorize_vm", {"vm_id": v}),
+                    ("disconnect_vm", {"vm_id": v})] for v in names]
+        k = len(servers)
+        return _spread(servers, lambda server, i: loadgen.run_sessions(
+            server.port, scripts[i::k], concurrency=len(scripts[i::k]), timeout=s.timeout), 5 * n)
+
+    def reads(cmd: str, servers: list[ServerProc]) -> dict[str, Any]:
+        k = len(servers)
+        total = s.concurrent_requests - s.concurrent_requests % k
+        return _spread(servers, lambda server, i: loadgen.concurrent(
+            server.port, cmd, total=total // k, connections=max(1, s.connections // k),
+            timeout=s.timeout), total)
+
+    samples = 20 if s.smoke else 200
+    held = [f"vm-{i}" for i in range(3, min(len(small), 12) + 1)]
+    registered(small, len(small))  # (b) figure 2's reads on figure 2's 10 VMs, first
+    for run in range(s.runs):
+        entry: dict[str, Any] = {"run": run}
+        for name in order(run, list(configs)):
+            for cmd in SMALL_READS:
+                entry[f"reads_{cmd}_{name}"] = reads(cmd, configs[name])
+        # (c) one VM updated through A, heard by a subscriber on B, and on A itself.
+        entry["latency_cross"] = cluster_figure.event_latency(two[0].port, two[1].port, "vm-1", samples, s.timeout)
+        entry["latency_same"] = cluster_figure.event_latency(two[0].port, two[0].port, "vm-2", samples, s.timeout)
+        # (d) a third server holding VMs is killed; B hears them released.
+        victim = b.ours(f"c-victim-{run}", db=two_dsn, extra=ttl)
+        entry["release_s"] = cluster_figure.release_after_kill(victim.pid, victim.port, two[1].port, held, s.timeout)
+        b.stop(victim)
+        fig.runs.append(entry)
+    registered([vm_spec(v) for v in names], len(small) + n)  # (a) then figure 4's agents
+    for run, entry in enumerate(fig.runs):
+        for name in order(run, list(configs)):
+            entry[f"lifecycle_{name}"] = lifecycle(run, configs[name])
+
+    def med(key: str, field_: str) -> float | None:
+        return med_of([r[key] for r in fig.runs], field_)
+
+    for what, label in (("lifecycle", f"(a) {n} agents' lifecycles (5 commands each): commands/s"),
+                        *((f"reads_{cmd}", f"(b) {_read_label(s, cmd)}: requests/s") for cmd in SMALL_READS)):
+        o, t = med(f"{what}_one", "rate_per_s"), med(f"{what}_two", "rate_per_s")
+        fig.row(f"{label}, two servers vs one", t, o, "/s", ratio(t, o))
+        co, ct = med(f"{what}_one", "cpu_us_per_request"), med(f"{what}_two", "cpu_us_per_request")
+        fig.row("  server CPU per request, both servers together vs one", ct, co, "µs", ratio(ct, co))
+        per = [median([r[f"{what}_two"]["cpu_us_per_request_per_server"][i] for r in fig.runs]) for i in range(2)]
+        fig.row("  each of the two servers: CPU per request it answered (A, B)", per[0], per[1], "µs")
+        fig.metrics[what] = {"one_rate_per_s": o, "two_rate_per_s": t, "one_cpu_us_per_request": co,
+                             "two_cpu_us_per_request": ct, "two_cpu_us_per_request_per_server": per}
+
+    def pct(key: str, series: str, p: float) -> float:
+        return median([loadgen.percentile(r[key][series], p) * 1e3 for r in fig.runs]) or 0.0
+
+    cross50, cross99 = pct("latency_cross", "event_after_reply", 50), pct("latency_cross", "event_after_reply", 99)
+    same50, same99 = pct("latency_same", "event_after_reply", 50), pct("latency_same", "event_after_reply", 99)
+    fig.row("(c) update_vm on A to its event on B, after A's reply: p50", cross50, same50, "ms")
+    fig.row("(c) the same, p99 (beside: a subscriber on A itself)", cross99, same99, "ms", None, ("<=", 1000.0), "ours")
+    fig.row("(c) update_vm's own reply time p50", pct("latency_cross", "reply", 50), None, "ms")
+    release = median([r["release_s"] for r in fig.runs])
+    fig.row(f"(d) a killed server's {len(held)} VMs released on B (lease {CLUSTER_TTL} s): seconds after the kill",
+            release, float(CLUSTER_TTL), "s", None, ("<=", CLUSTER_TTL + 5.0), "ours")
+    fig.metrics.update({
+        "event_latency_ms": {"cross_p50": cross50, "cross_p99": cross99, "same_p50": same50, "same_p99": same99,
+                             "samples_per_run": samples},
+        "release_s": release, "release_all_runs_s": [r["release_s"] for r in fig.runs], "lease_ttl_s": CLUSTER_TTL})
+    fig.notes.append(
+        f"one durable PostgreSQL (pg_sandbox, fsync on) on every CPU; our servers all pinned to CPU {SERVER_CPU} "
+        f"(two servers share the one core one server has: this machine has two, and the other runs the load "
+        f"generator), --lease-ttl {CLUSTER_TTL}. (a) figure 4's script, the agents split between the servers "
+        f"(half each), on VMs registered beforehand without passwords; (b) figure 2's reads ({s.small_vms} VMs "
+        f"registered), requests and connections split; one server and two take turns within each run, each on a "
+        f"database of its own. "
+        f"(c) {samples} update_vm one at a time through A, a subscriber of that VM on B (and, beside, on A); "
+        f"(d) a third server connects {len(held)} VMs, is SIGKILLed, a subscriber on B times the last server_lost "
+        f"vm_disconnected. Median of {s.runs} runs")
+
+
 FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (1, "health_pipelined", "health pipelined on one connection", fig_health_pipelined),
     (2, "small_reads", "concurrent small reads: health, get_all_vms of 10 VMs", fig_small_reads),
@@ -1732,6 +1898,8 @@ FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (12, "fleet", "a fleet of agents: connect storm, mass disconnect, restart", fig_fleet),
     (13, "postgres", "the PostgreSQL backend: figures 2 and 3 beside SQLite, and the floor for its writes",
      fig_postgres),
+    (14, "cluster", "several servers on one PostgreSQL: throughput, event latency across servers, a lost server",
+     fig_cluster),
 ]
 
 

@@ -551,3 +551,23 @@ async def wires_to(port: int, n: int) -> AsyncIterator[list[Wire]]:
     finally:
         for w in opened:
             await w.close()
+
+
+async def test_the_benchmarks_cluster_probes_measure_what_they_say(cluster):
+    """Figure 14's probes on real servers: every update heard across servers, once; the kill
+    timed until the last server_lost."""
+    from benchmarks import cluster_figure
+
+    a, b, victim = cluster(), cluster(), cluster()
+    async with wires(a) as (w,):
+        for vm_id in ("bp1", "bp2", "bp3"):
+            await w.ok("add_vm", **vm_args(vm_id))
+        for node in (b, victim):
+            async with wires(node) as (wn,):
+                await until(lambda wn=wn: _known(wn, "bp3"), "every server knows the VMs")
+    lat = await asyncio.to_thread(cluster_figure.event_latency, a.port, b.port, "bp1", 5, TIMEOUT)
+    assert [len(v) for v in lat.values()] == [5, 5, 5]
+    assert all(after >= reply for after, reply in zip(lat["event_after_request"], lat["reply"]))
+    took = await asyncio.to_thread(cluster_figure.release_after_kill, victim.pid, victim.port, b.port,
+                                   ["bp2", "bp3"], TIMEOUT + TTL)
+    assert TTL / 2 < took < TTL + 5  # not before the lease could expire (2/3 of it at least), nor long after

@@ -220,7 +220,7 @@ class Inventory:
         """A change another server made (or the reaper of a lost one), read from the feed."""
         if isinstance(change, AuthFailed) and self.on_auth_failed_elsewhere is not None:
             self.on_auth_failed_elsewhere(change.vm_id, change.count)
-        if isinstance(change, (VMAdded)) and change.vm.vm_id in self._vms:
+        if isinstance(change, VMAdded) and change.vm.vm_id in self._vms:
             log.error("change feed: %s is known already; ignored", change.vm.vm_id)
             return
         self.apply(change)
@@ -713,7 +713,8 @@ class Inventory:
             return self.apply(VMRemoved(vm_id))
 
         return await self._submit(f"remove {vm_id}", RemoveVM(vm.id), [_history_row("vm_removed", vm_id, actor)],
-                                  changes=lambda _: [VMRemoved(vm_id)], on_commit=committed, on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
+                                  changes=lambda _: [VMRemoved(vm_id)], on_commit=committed,
+                                  on_fail=lambda: self._reserved_vm_ids.discard(vm_id))
 
     def removing(self, vm_id: str) -> bool:
         """A known VM whose removal is waiting for its commit."""
@@ -741,13 +742,14 @@ class Inventory:
         released = []
         for vm_id in list(owner.vms):
             vm = self._vms.get(vm_id)
-            if vm is not None and self.presence.holder(vm_id) == owner.key and self.shared:
+            if vm is None or self.presence.holder(vm_id) != owner.key:
+                continue
+            if self.shared:
                 self._let_go(vm_id, owner.key, owner.name, reason)
-                released.append(vm_id)
-            elif vm is not None and self.presence.holder(vm_id) == owner.key:
+            else:
                 self._record(_history_row("vm_disconnected", vm_id, owner, reason))
                 self._unbind(vm, owner, "vm_disconnected", reason)
-                released.append(vm_id)
+            released.append(vm_id)
         owner.vms.clear()
         self._holding.pop(owner.key, None)
         return released

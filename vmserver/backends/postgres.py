@@ -297,7 +297,8 @@ def _send_connects(conn: psycopg.Connection, writes: Sequence[Connect], lease: i
     """Presence rows taken where nobody holds the VM (ON CONFLICT DO NOTHING: an empty RETURNING
     is "another session has it", atomically), and last_connected where they were."""
     cur = conn.execute(
-        "WITH c AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS c(vm, at, holder, peer)), "
+        "WITH c AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) "
+        "           AS c(vm, at, holder, peer)), "
         "p AS (INSERT INTO vmserver_presence (vm, lease, holder, peer) SELECT vm, %s, holder, peer FROM c "
         "      ON CONFLICT (vm) DO NOTHING RETURNING vm) "
         "UPDATE vms SET last_connected = c.at FROM c JOIN p ON p.vm = c.vm WHERE vms.id = c.vm RETURNING vms.id",
