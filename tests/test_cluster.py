@@ -571,3 +571,20 @@ async def test_the_benchmarks_cluster_probes_measure_what_they_say(cluster):
     took = await asyncio.to_thread(cluster_figure.release_after_kill, victim.pid, victim.port, b.port,
                                    ["bp2", "bp3"], TIMEOUT + TTL)
     assert TTL / 2 < took < TTL + 5  # not before the lease could expire (2/3 of it at least), nor long after
+
+
+async def test_a_server_restarted_after_a_crash_releases_the_old_vms_at_once(nodes, pg_dsn: str):
+    """Alone on its database, crashed and restarted after its old lease expired: the old
+    session's VMs are released as it starts (reaped at once, not at its first renewal)."""
+    ttl = 6.0
+    first = nodes(pg_dsn, ttl=ttl)
+    async with wires(first) as (w,):
+        await w.ok("connect_vm", **vm_args("cr1"))
+        os.kill(first.pid, signal.SIGKILL)
+    await asyncio.sleep(ttl + 0.3)  # the old lease has expired; nobody was there to reap it
+    second = nodes(pg_dsn, ttl=ttl)
+    async with wires(second) as (w,):
+        took = await until(lambda: _shows(w, "cr1", connected=False), "cr1 released", ttl)
+        assert took < ttl / 3, f"released {took:.1f}s after the start: at the first renewal, not at once"
+        history = await w.ok("get_history", vm_id="cr1", event="vm_disconnected")
+        assert [h["reason"] for h in history] == ["server_lost"]

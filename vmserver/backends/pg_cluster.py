@@ -68,6 +68,7 @@ class Lease:
         self.valid_until = 0.0  # monotonic: act no longer than this without a renewal
         self.servers: list[dict[str, Any]] = []  # the live servers, as of the last renewal
         self.others = False  # another server is alive: our commits NOTIFY
+        self.expired_seen = False  # an expired lease was seen at the last look: to be reaped
         self.on_lost: Callable[[str], None] | None = None  # called on the loop
         self.on_held: Callable[[], None] | None = None
         self._conn: psycopg.Connection | None = None
@@ -96,7 +97,8 @@ class Lease:
         self.id = lease
         self.own.add(lease)
         self.valid_until = sent + self.ttl - self.renew_every
-        self._read_servers(conn)
+        if self._read_servers(conn):  # a lost server's VMs (ours, before a crash?): released now
+            self._tell(self.store.reap)
         log.info("database %s: server %s holds lease %d (ttl %gs)", self.store.label, self.server_id, lease, self.ttl)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -212,7 +214,8 @@ class Lease:
                          "since": started.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
                         for _, server_id, host, pid, started, alive in rows if alive]
         self.others = any(alive and lease != self.id for lease, *_, alive in rows)
-        return any(not alive for *_, alive in rows)
+        self.expired_seen = any(not alive for *_, alive in rows)
+        return self.expired_seen
 
     def _stop_acting(self, why: str) -> None:
         if self.id is None:

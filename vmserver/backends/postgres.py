@@ -618,6 +618,8 @@ class PostgresStore(Committed):
         self.lease.start(loop)
         self._listener.start(loop)
         self._poke()  # what other servers wrote between load() and now
+        if self.lease.expired_seen:
+            loop.call_soon(self.reap)  # a lost server's VMs (ours, before a crash?): released at once
 
     # --- the cluster: the lease and the feed (pg_cluster.py) ---------------------------------------
 
