@@ -199,3 +199,85 @@ def test_one_server_unreachable(capsys, tmp_path):
         assert asyncio.run(inventory()) == []
     finally:
         live.kill()
+
+
+# --- python -m vmserver.cluster_demo -------------------------------------------------------------
+
+
+def cluster_demo(*args: str, tmp: Path) -> subprocess.Popen[str]:
+    """The cluster demo as ``make cluster-demo`` runs it, its temporary files under ``tmp``."""
+    return subprocess.Popen([sys.executable, "-m", "vmserver.cluster_demo", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp)})
+
+
+def test_cluster_demo_end_to_end(pg_dsn, tmp_path):
+    proc = cluster_demo("--db", pg_dsn, "--servers", "3", "--vms", "5", tmp=tmp_path)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out + err
+    assert re.search(r"^cluster demo: 3 servers on postgresql://\S+: 127\.0\.0\.1:\d+ \(pid \d+\), "
+                     r"127\.0\.0\.1:\d+ \(pid \d+\), 127\.0\.0\.1:\d+ \(pid \d+\)$", out, re.M), out
+    assert phase_status(out) == {phase: "ok" for phase in PHASES}, out
+    assert out.rstrip().endswith("demo passed: 5 VMs on 3 servers"), out
+    assert err == ""
+    assert processes_with(pg_dsn) == []  # every server stopped
+    assert list(tmp_path.iterdir()) == []  # the logs removed
+
+
+def test_cluster_demo_a_server_that_cannot_start(pg_dsn, tmp_path):
+    """A server that cannot start (a database that does not exist): status 2, one line naming
+    it, and the other servers stopped."""
+    missing = pg_dsn.rsplit("/", 1)[0] + "/no_such_database"
+    proc = cluster_demo("--db", missing, tmp=tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert re.fullmatch(r"cluster demo: server 1 exited with status 1 before listening: .*no_such_database.*\n",
+                        err), err
+    assert out == ""
+    assert processes_with("no_such_database") == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cluster_demo_interrupted_stops_everything(pg_dsn, tmp_path, sig):
+    """A signal while the demo runs: the demo is stopped, then every server; status 128+N."""
+    proc = cluster_demo("--db", pg_dsn, "--vms", "1000", tmp=tmp_path)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("vmclient demo: 1000 VM agents"):
+                ready.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(60), "".join(lines)
+        proc.send_signal(sig)
+        proc.wait(60)
+        reader.join(10)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, "".join(lines) + err
+    assert f"cluster demo: interrupted ({signal.Signals(sig).name}); stopping the servers" in err, err
+    assert "Traceback" not in err
+    assert "demo passed" not in "".join(lines)
+    assert processes_with(pg_dsn) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --db"),
+    (["--db", "/tmp/vms.db"], "is not a PostgreSQL DSN"),
+    (["--db", "postgresql://x/y", "--servers", "0"], "must be from 1 to 16, got 0"),
+    (["--db", "postgresql://x/y", "--vms", "1001"], "must be from 1 to 1000, got 1001"),
+])
+def test_cluster_demo_bad_usage(tmp_path, argv, message):
+    proc = cluster_demo(*argv, tmp=tmp_path)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and message in err and out == "", err
+    assert list(tmp_path.iterdir()) == []
