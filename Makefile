@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run run-postgres test demo bench bench-smoke clean
+.PHONY: run run-postgres test demo cluster-demo bench bench-smoke clean
 
 # The stamps reinstall only when pyproject.toml changes.
 $(BIN)/python:
@@ -36,6 +36,14 @@ test: $(VENV)/.installed-test
 # Starts a server on a temporary database, runs the fleet demo against it, stops it.
 demo: $(VENV)/.installed
 	$(BIN)/python -m vmclient demo --spawn-server $(ARGS)
+
+# The fleet demo against several servers (default 2) on one throwaway PostgreSQL in a temporary
+# directory, removed after; ARGS go to python -m vmserver.cluster_demo (--servers N --vms K).
+# The directory is opened to all so that PostgreSQL, run as postgres when we are root, reaches it.
+cluster-demo: $(VENV)/.installed-postgres
+	@dir=$$(mktemp -d /tmp/vmserver-cluster-demo.XXXXXX) && trap 'rm -rf "$$dir"' EXIT && chmod 755 "$$dir" && \
+	$(BIN)/python -m vmserver.backends.pg_sandbox run --dir "$$dir/pg" \
+		--command "$(BIN)/python -m vmserver.cluster_demo" -- $(ARGS)
 
 # The benchmark suite (about 7 minutes; pins servers and load to separate cores). See benchmarks/BENCHMARKS.md.
 # Figure 13 runs on a throwaway PostgreSQL: the driver comes with the postgres extra.

@@ -1,4 +1,4 @@
-"""The fleet demo: N simulated VM agents drive one server at once while an observer checks the lists.
+"""The fleet demo: N simulated VM agents drive a server at once while an observer checks the lists.
 
 Why it exists: it shows in a few seconds, against a real server, that presence is per session
 (each agent holds only its own VM), that forbidden moves are refused with the documented error
@@ -6,6 +6,14 @@ codes, and that the list commands agree with what the agents did, phase by phase
 
     python -m vmclient demo --spawn-server        # a throwaway server, what `make demo` runs
     python -m vmclient demo --port 8888 --vms 50  # against a live server; ids never collide
+    python -m vmclient demo --servers a:8888,b:8888  # several servers on one database, as one
+
+With ``--servers`` the agents are spread over the servers (agent i on server i mod n), each
+server has its own observer, and every observer must see what the agents did: every server
+shows the same lists. A change reaches the other servers within about a second, so each
+observer looks again until its lists are right or ``--settle`` seconds have passed; only its
+last look counts. The forbidden moves are then tried across servers: the holder of a VM on
+one server, the intruder on another.
 
 Every VM and disk id of a run starts with a random ``demo-<hex>`` prefix, and the observer only
 looks at ids of that run, so the demo can be rerun against a server that holds anything else.
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import secrets
 import shutil
@@ -25,13 +34,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .client import DEFAULT_PORT, Client, DiskSpec
+from .client import DEFAULT_PORT, Client, DiskSpec, format_address, parse_address
 from .errors import AlreadyExists, AuthFailed, ClientError, CommandError, Conflict, ConnectError, NotAuthorized
 
 MAX_VMS = 1000
@@ -41,6 +50,8 @@ SPAWN_WAIT = 15.0  # seconds a spawned server gets to report that it listens
 STOP_WAIT = 10.0  # seconds a spawned server gets to stop on SIGTERM before it is killed
 CONNECT_AT_ONCE = 50  # agent connections opened concurrently: polite to any server's listen backlog
 MAX_SHOWN = 20  # failed checks printed per phase; the rest are counted, so a broken server stays readable
+SETTLE = 5.0  # seconds each observer of several servers may look again before its checks count as failed
+RECHECK_PAUSE = 0.1  # seconds between two looks at a server's lists
 
 _ID_CHARS = re.compile(r"[A-Za-z0-9._:-]+")
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
@@ -137,18 +148,46 @@ def _vm_mismatch(vm: Any, plan: _Plan, factor: int, connected: bool, authorized:
 
 
 class _Run:
-    """State shared by the agents and the observer of one run: plans, clients, barrier, checks."""
+    """State shared by the agents and the observers of one run: plans, clients, barrier, checks."""
 
-    def __init__(self, prefix: str, plans: list[_Plan], observer: Client, agents: list[Client], out: TextIO) -> None:
-        self.prefix, self.plans, self.observer, self.agents, self.out = prefix, plans, observer, agents, out
+    def __init__(self, prefix: str, plans: list[_Plan], servers: list[tuple[str, int]], observers: list[Client],
+                 agents: list[Client], out: TextIO, settle: float) -> None:
+        self.prefix, self.plans, self.agents, self.out, self.settle = prefix, plans, agents, out, settle
+        self.wheres = [format_address(*address) for address in servers]
+        several = len(servers) > 1
+        self.observers = [_Observer(self, client, where, f"on {where}: " if several else "")
+                          for client, where in zip(observers, self.wheres)]
         self.ids = {p.vm_id for p in plans}
         self.by_id = {p.vm_id: p for p in plans}
         self.disk_owner = {disk_id: (p, size) for p in plans for disk_id, size in p.disks}
-        # N agents + the observer: the agents finish a phase, the observer checks, then all go on.
+        # N agents + the observers' task: the agents finish a phase, the observers check, then all go on.
         self.barrier = asyncio.Barrier(len(plans) + 1)
         self.checks: list[Check] = []
         self._vm_re = re.compile(rf"{re.escape(prefix)}-\d+")
         self._disk_re = re.compile(rf"{re.escape(prefix)}-\d+-d\d+")
+
+    def server_of(self, i: int) -> int:
+        """The server agent ``i`` talks to (an index into ``wheres`` and ``observers``)."""
+        return i % len(self.wheres)
+
+    def agent_name(self, i: int) -> str:
+        return f"agent {i}" if len(self.wheres) == 1 else f"agent {i} on {self.wheres[self.server_of(i)]}"
+
+    def stranger(self, i: int) -> tuple[Client, str, int]:
+        """Who tries agent ``i``'s forbidden moves on the neighbour's VM: (session, name, server).
+
+        Agent i itself; with a single VM there is no neighbour, so an observer plays the stranger
+        against agent 0's own VM: with several servers the one on another server.
+        """
+        if len(self.plans) > 1:
+            return self.agents[i], self.agent_name(i), self.server_of(i)
+        k = 1 % len(self.observers)
+        return self.observers[k].client, "observer" if k == 0 else f"observer on {self.wheres[k]}", k
+
+    def across(self) -> int:
+        """How many agents' strangers are on another server than the VM's holder."""
+        n = len(self.plans)
+        return sum(self.stranger(i)[2] != self.server_of((i + 1) % n) for i in range(n))
 
     # recording -------------------------------------------------------------------------
 
@@ -184,61 +223,10 @@ class _Run:
         else:
             self.record(phase, name, False, expected, f"success: {_short(result)}", refusal=True)
 
-    # observing -------------------------------------------------------------------------
-
-    async def ours(self, phase: str, command: str, quiet: bool = False) -> dict[str, Any] | None:
-        """The observer's list ``command``, reduced to this run's records (keyed by vm_id or disk_id).
-
-        None when the call fails or the reply is not a list of records; that is a failed check
-        unless ``quiet`` (for polling).
-        """
-        try:
-            result = await getattr(self.observer, command)()
-        except ClientError as exc:
-            if not quiet:
-                self.record(phase, f"observer {command}", False, "a list", _error_text(exc))
-            return None
-        if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
-            if not quiet:
-                self.record(phase, f"observer {command}", False, "a list of records", _short(result))
-            return None
+    def of_this_run(self, records: list[dict[str, Any]], command: str) -> dict[str, Any]:
+        """The records of this run among ``records`` of a list ``command``, keyed by vm_id or disk_id."""
         key, pattern = ("disk_id", self._disk_re) if command == "get_all_disks" else ("vm_id", self._vm_re)
-        return {r[key]: r for r in result if isinstance(r.get(key), str) and pattern.fullmatch(r[key])}
-
-    def same_ids(self, phase: str, name: str, seen: Iterable[str], expected: set[str]) -> bool:
-        seen = set(seen)
-        if seen == expected:
-            return self.record(phase, name, True)
-        missing, extra = expected - seen, seen - expected
-        detail = [f"{len(seen)}"] + ([f"missing {_ids_text(missing)}"] if missing else []) + (
-            [f"unexpected {_ids_text(extra)}"] if extra else [])
-        return self.record(phase, name, False, f"{len(expected)}: {_ids_text(expected)}", "; ".join(detail))
-
-    def vm_records(self, phase: str, command: str, vms: Mapping[str, Any], factor: int,
-                   connected: bool, authorized: bool) -> None:
-        for plan in self.plans:
-            if plan.vm_id in vms:  # a missing one is already reported by same_ids
-                mismatch = _vm_mismatch(vms[plan.vm_id], plan, factor, connected, authorized)
-                self.record(phase, f"{command} record of {plan.vm_id}", mismatch is None, *(mismatch or ()))
-
-    async def disks(self, phase: str, factor: int, vms: Mapping[str, Any] | None) -> int:
-        """Check get_all_disks: exactly this run's disks, each with its size and the right ``vm``."""
-        disks = await self.ours(phase, "get_all_disks")
-        if disks is None:
-            return 0
-        self.same_ids(phase, "get_all_disks lists exactly this run's disks", disks, set(self.disk_owner))
-        for disk_id, (plan, size) in self.disk_owner.items():
-            disk = disks.get(disk_id)
-            if disk is None:
-                continue
-            want: dict[str, Any] = {"size": size * factor, "vm": plan.vm_id}
-            if vms is not None and isinstance(vms.get(plan.vm_id), dict):
-                want["vm_id"] = vms[plan.vm_id].get("id")
-            differing = [k for k in want if disk.get(k) != want[k]]
-            self.record(phase, f"get_all_disks record of {disk_id}", not differing,
-                        ", ".join(f"{k}={want[k]!r}" for k in differing),
-                        ", ".join(f"{k}={_short(disk.get(k))}" for k in differing))
-        return len(disks)
+        return {r[key]: r for r in records if isinstance(r.get(key), str) and pattern.fullmatch(r[key])}
 
     # reporting -------------------------------------------------------------------------
 
@@ -260,6 +248,80 @@ class _Run:
         return sum(c.ok for c in checks), len(checks)
 
 
+class _Observer:
+    """One server's observer: its session, and the checks of its latest look at the lists.
+
+    The checks stay here until the look is final (run.checks gets them then): a look taken
+    before a change reached this server must not count.
+    """
+
+    def __init__(self, run: _Run, client: Client, where: str, label: str) -> None:
+        self.run, self.client, self.where, self.label = run, client, where, label
+        self.checks: list[Check] = []
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def record(self, phase: str, name: str, ok: bool, expected: str = "", seen: str = "") -> bool:
+        self.checks.append(Check(phase, self.label + name, ok, expected, seen))
+        return ok
+
+    async def ours(self, phase: str, command: str, quiet: bool = False) -> dict[str, Any] | None:
+        """This server's list ``command``, reduced to this run's records (keyed by vm_id or disk_id).
+
+        None when the call fails or the reply is not a list of records; that is a failed check
+        unless ``quiet`` (for polling).
+        """
+        try:
+            result = await getattr(self.client, command)()
+        except ClientError as exc:
+            if not quiet:
+                self.record(phase, f"observer {command}", False, "a list", _error_text(exc))
+            return None
+        if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
+            if not quiet:
+                self.record(phase, f"observer {command}", False, "a list of records", _short(result))
+            return None
+        return self.run.of_this_run(result, command)
+
+    def same_ids(self, phase: str, name: str, seen: Iterable[str], expected: set[str]) -> bool:
+        seen = set(seen)
+        if seen == expected:
+            return self.record(phase, name, True)
+        missing, extra = expected - seen, seen - expected
+        detail = [f"{len(seen)}"] + ([f"missing {_ids_text(missing)}"] if missing else []) + (
+            [f"unexpected {_ids_text(extra)}"] if extra else [])
+        return self.record(phase, name, False, f"{len(expected)}: {_ids_text(expected)}", "; ".join(detail))
+
+    def vm_records(self, phase: str, command: str, vms: Mapping[str, Any], factor: int,
+                   connected: bool, authorized: bool) -> None:
+        for plan in self.run.plans:
+            if plan.vm_id in vms:  # a missing one is already reported by same_ids
+                mismatch = _vm_mismatch(vms[plan.vm_id], plan, factor, connected, authorized)
+                self.record(phase, f"{command} record of {plan.vm_id}", mismatch is None, *(mismatch or ()))
+
+    async def disks(self, phase: str, factor: int, vms: Mapping[str, Any] | None) -> int:
+        """Check get_all_disks: exactly this run's disks, each with its size and the right ``vm``."""
+        disks = await self.ours(phase, "get_all_disks")
+        if disks is None:
+            return 0
+        disk_owner = self.run.disk_owner
+        self.same_ids(phase, "get_all_disks lists exactly this run's disks", disks, set(disk_owner))
+        for disk_id, (plan, size) in disk_owner.items():
+            disk = disks.get(disk_id)
+            if disk is None:
+                continue
+            want: dict[str, Any] = {"size": size * factor, "vm": plan.vm_id}
+            if vms is not None and isinstance(vms.get(plan.vm_id), dict):
+                want["vm_id"] = vms[plan.vm_id].get("id")
+            differing = [k for k in want if disk.get(k) != want[k]]
+            self.record(phase, f"get_all_disks record of {disk_id}", not differing,
+                        ", ".join(f"{k}={want[k]!r}" for k in differing),
+                        ", ".join(f"{k}={_short(disk.get(k))}" for k in differing))
+        return len(disks)
+
+
 # --- the agents -----------------------------------------------------------------------------
 
 
@@ -273,41 +335,41 @@ async def _agent(run: _Run, i: int) -> None:
     """One VM agent's life: register, connect, try forbidden moves, authorize, update, deauthorize, leave."""
     me, client, n = run.plans[i], run.agents[i], len(run.plans)
     other = run.plans[(i + 1) % n]
-    # The neighbour's VM is held by another session. With a single VM there is no neighbour,
-    # so the observer's session plays the stranger against agent 0's own VM.
-    stranger, who = (client, f"agent {i}") if n > 1 else (run.observer, "observer")
+    # The neighbour's VM is held by another session (with several servers, mostly on another server).
+    stranger, who, _ = run.stranger(i)
+    holder, name = run.agent_name(other.index), run.agent_name(i)
 
-    await run.expect_ok("add", f"agent {i} add_vm {me.vm_id}",
+    await run.expect_ok("add", f"{name} add_vm {me.vm_id}",
                         client.add_vm(me.vm_id, ram=me.ram, cpu=me.cpu, disks=me.disk_specs(), password=me.password),
                         lambda vm: _vm_mismatch(vm, me, 1, connected=False, authorized=False))
     await _sync(run)
 
-    await run.expect_ok("connect", f"agent {i} connect_vm {me.vm_id}", client.connect_vm(me.vm_id, password=me.password),
+    await run.expect_ok("connect", f"{name} connect_vm {me.vm_id}", client.connect_vm(me.vm_id, password=me.password),
                         lambda vm: _vm_mismatch(vm, me, 1, connected=True, authorized=False))
     await _sync(run)
 
-    await run.expect_refusal("refusals", f"{who} connect_vm {other.vm_id} (held by agent {other.index})",
+    await run.expect_refusal("refusals", f"{who} connect_vm {other.vm_id} (held by {holder})",
                              stranger.connect_vm(other.vm_id), Conflict)
-    await run.expect_refusal("refusals", f"agent {i} add_vm {me.vm_id} again",
+    await run.expect_refusal("refusals", f"{name} add_vm {me.vm_id} again",
                              client.add_vm(me.vm_id, ram=me.ram, cpu=me.cpu, disks=[]), AlreadyExists)
-    await run.expect_refusal("refusals", f"agent {i} authorize_vm {me.vm_id} with a wrong password",
+    await run.expect_refusal("refusals", f"{name} authorize_vm {me.vm_id} with a wrong password",
                              client.authorize_vm(me.vm_id, password="wrong-" + me.password), AuthFailed)
     await _sync(run)
 
-    await run.expect_ok("authorize", f"agent {i} authorize_vm {me.vm_id}",
+    await run.expect_ok("authorize", f"{name} authorize_vm {me.vm_id}",
                         client.authorize_vm(me.vm_id, password=me.password),
                         lambda vm: _vm_mismatch(vm, me, 1, connected=True, authorized=True))
     await _sync(run)
 
     # ram=1 etc.: should the server wrongly accept it, the observer sees the damage.
-    await run.expect_refusal("update", f"{who} update_vm {other.vm_id} (authorized by agent {other.index})",
+    await run.expect_refusal("update", f"{who} update_vm {other.vm_id} (authorized by {holder})",
                              stranger.update_vm(other.vm_id, ram=1, cpu=1), NotAuthorized)
-    await run.expect_ok("update", f"agent {i} update_vm {me.vm_id} (double ram, cpu, disks)",
+    await run.expect_ok("update", f"{name} update_vm {me.vm_id} (double ram, cpu, disks)",
                         client.update_vm(me.vm_id, ram=2 * me.ram, cpu=2 * me.cpu, disks=me.disk_specs(2)),
                         lambda vm: _vm_mismatch(vm, me, 2, connected=True, authorized=True))
     await _sync(run)
 
-    await run.expect_ok("deauthorize", f"agent {i} deauthorize_vm {me.vm_id}", client.deauthorize_vm(me.vm_id),
+    await run.expect_ok("deauthorize", f"{name} deauthorize_vm {me.vm_id}", client.deauthorize_vm(me.vm_id),
                         lambda vm: _vm_mismatch(vm, me, 2, connected=True, authorized=False))
     await _sync(run)
 
@@ -315,91 +377,126 @@ async def _agent(run: _Run, i: int) -> None:
     await _sync(run)
 
 
-# --- the observer ---------------------------------------------------------------------------
+# --- the observers ---------------------------------------------------------------------------
 
 
-async def _check_all_vms(run: _Run, phase: str, what: str, scale: int, connected: bool,
-                         authorized: bool) -> list[dict[str, Any]] | None:
+async def _check_all_vms(obs: _Observer, phase: str, what: str, scale: int, connected: bool,
+                         authorized: bool) -> dict[str, Any] | None:
     """get_all_vms lists exactly this run's VMs, each as the plan says at this phase."""
-    vms = await run.ours(phase, "get_all_vms")
+    vms = await obs.ours(phase, "get_all_vms")
     if vms is not None:
-        run.same_ids(phase, f"get_all_vms {what} exactly this run's VMs", vms, run.ids)
-        run.vm_records(phase, "get_all_vms", vms, scale, connected=connected, authorized=authorized)
+        obs.same_ids(phase, f"get_all_vms {what} exactly this run's VMs", vms, obs.run.ids)
+        obs.vm_records(phase, "get_all_vms", vms, scale, connected=connected, authorized=authorized)
     return vms
 
 
-async def _check_add(run: _Run) -> str:
-    vms = await _check_all_vms(run, "add", "lists", 1, connected=False, authorized=False)
-    disks = await run.disks("add", 1, vms)
-    return f"{len(vms or {})} of {len(run.plans)} VMs registered, {disks} disks"
+async def _check_add(obs: _Observer) -> str:
+    vms = await _check_all_vms(obs, "add", "lists", 1, connected=False, authorized=False)
+    disks = await obs.disks("add", 1, vms)
+    return f"{len(vms or {})} of {len(obs.run.plans)} VMs registered, {disks} disks"
 
 
-async def _check_presence(run: _Run, phase: str, connected: set[str], authorized: set[str]) -> tuple[int, int]:
+async def _check_presence(obs: _Observer, phase: str, connected: set[str], authorized: set[str]) -> tuple[int, int]:
     """The connected and authorized lists, each compared with the ids expected there."""
-    seen_connected = await run.ours(phase, "get_connected_vms")
+    seen_connected = await obs.ours(phase, "get_connected_vms")
     if seen_connected is not None:
-        run.same_ids(phase, "get_connected_vms lists", seen_connected, connected)
-    seen_authorized = await run.ours(phase, "get_authorized_vms")
+        obs.same_ids(phase, "get_connected_vms lists", seen_connected, connected)
+    seen_authorized = await obs.ours(phase, "get_authorized_vms")
     if seen_authorized is not None:
-        run.same_ids(phase, "get_authorized_vms lists", seen_authorized, authorized)
+        obs.same_ids(phase, "get_authorized_vms lists", seen_authorized, authorized)
     return len(seen_connected or {}), len(seen_authorized or {})
 
 
-async def _check_connect(run: _Run) -> str:
-    connected, _ = await _check_presence(run, "connect", run.ids, set())
-    return f"{connected} of {len(run.plans)} connected, each by its own agent; none authorized"
+async def _check_connect(obs: _Observer) -> str:
+    connected, _ = await _check_presence(obs, "connect", obs.run.ids, set())
+    return f"{connected} of {len(obs.run.plans)} connected, each by its own agent; none authorized"
 
 
-async def _check_refusals(run: _Run) -> str:
-    await _check_presence(run, "refusals", run.ids, set())
-    vms = await run.ours("refusals", "get_all_vms")
+async def _check_refusals(obs: _Observer) -> str:
+    run = obs.run
+    await _check_presence(obs, "refusals", run.ids, set())
+    vms = await obs.ours("refusals", "get_all_vms")
     if vms is not None:
-        run.vm_records("refusals", "get_all_vms", vms, 1, connected=True, authorized=False)
+        obs.vm_records("refusals", "get_all_vms", vms, 1, connected=True, authorized=False)
     refused, tried = run.count("refusals", refusal=True)
-    return f"{refused} of {tried} forbidden moves refused (connect other's VM, add again, wrong password)"
+    summary = f"{refused} of {tried} forbidden moves refused (connect other's VM, add again, wrong password)"
+    if len(run.observers) > 1:
+        summary += f"; {run.across()} of {len(run.plans)} connects of another's VM from another server"
+    return summary
 
 
-async def _check_authorize(run: _Run) -> str:
-    _, authorized = await _check_presence(run, "authorize", run.ids, run.ids)
-    return f"{authorized} of {len(run.plans)} authorized with their passwords"
+async def _check_authorize(obs: _Observer) -> str:
+    _, authorized = await _check_presence(obs, "authorize", obs.run.ids, obs.run.ids)
+    return f"{authorized} of {len(obs.run.plans)} authorized with their passwords"
 
 
-async def _check_update(run: _Run) -> str:
-    vms = await _check_all_vms(run, "update", "lists", 2, connected=True, authorized=True)
-    disks = await run.disks("update", 2, vms)
-    refused, tried = run.count("update", refusal=True)
+async def _check_update(obs: _Observer) -> str:
+    vms = await _check_all_vms(obs, "update", "lists", 2, connected=True, authorized=True)
+    disks = await obs.disks("update", 2, vms)
+    refused, tried = obs.run.count("update", refusal=True)
     return f"ram, cpu and {disks} disk sizes doubled; {refused} of {tried} updates from other sessions refused"
 
 
-async def _check_deauthorize(run: _Run) -> str:
-    connected, authorized = await _check_presence(run, "deauthorize", run.ids, set())
-    return f"{authorized} authorized, {connected} of {len(run.plans)} still connected"
+async def _check_deauthorize(obs: _Observer) -> str:
+    connected, authorized = await _check_presence(obs, "deauthorize", obs.run.ids, set())
+    return f"{authorized} authorized, {connected} of {len(obs.run.plans)} still connected"
 
 
-async def _check_close(run: _Run) -> str:
+async def _check_close(obs: _Observer) -> str:
     """Poll briefly before checking: the server notices a closed session asynchronously."""
     start = time.monotonic()
     while time.monotonic() - start < CLOSE_WAIT:
-        if not await run.ours("close", "get_connected_vms", quiet=True):  # none left (or an error, checked below)
+        if not await obs.ours("close", "get_connected_vms", quiet=True):  # none left (or an error, checked below)
             break
         await asyncio.sleep(0.05)
     waited = time.monotonic() - start
-    connected, _ = await _check_presence(run, "close", set(), set())
+    connected, _ = await _check_presence(obs, "close", set(), set())
     # The inventory is durable: leaving does not unregister.
-    vms = await _check_all_vms(run, "close", "still lists", 2, connected=False, authorized=False)
+    vms = await _check_all_vms(obs, "close", "still lists", 2, connected=False, authorized=False)
     return f"all agents left; {connected} connected after {waited:.2f} s; {len(vms or {})} VMs kept"
 
 
-_CHECKERS: dict[str, Callable[[_Run], Awaitable[str]]] = {
+_CHECKERS: dict[str, Callable[[_Observer], Awaitable[str]]] = {
     "add": _check_add, "connect": _check_connect, "refusals": _check_refusals, "authorize": _check_authorize,
     "update": _check_update, "deauthorize": _check_deauthorize, "close": _check_close,
 }
 
 
-async def _observer(run: _Run) -> None:
+async def _look(obs: _Observer, phase: str) -> tuple[str, float]:
+    """Check one server's lists at the end of ``phase``: (summary, seconds until the last look).
+
+    One server is checked once. Of several, each is looked at again until its checks pass or
+    run.settle seconds have passed (another server's change takes a moment to arrive); only
+    the last look's checks are kept.
+    """
+    start = time.monotonic()
+    while True:
+        obs.checks = []
+        summary = await _CHECKERS[phase](obs)
+        took = time.monotonic() - start
+        if len(obs.run.observers) == 1 or obs.ok or took >= obs.run.settle:
+            return summary, took
+        await asyncio.sleep(RECHECK_PAUSE)
+
+
+def _phase_summary(run: _Run, looks: list[tuple[str, float]]) -> str:
+    """One server: its summary. Several: the first wrong server's (else the first one's), and how they did."""
+    if len(looks) == 1:
+        return looks[0][0]
+    wrong = [k for k, obs in enumerate(run.observers) if not obs.ok]
+    if wrong:
+        return (f"{looks[wrong[0]][0]} (as {run.observers[wrong[0]].where} saw it); checked on {len(looks)} servers, "
+                f"{len(wrong)} still wrong after {run.settle:g} s")
+    return f"{looks[0][0]}; checked on {len(looks)} servers, right on all within {max(t for _, t in looks):.2f} s"
+
+
+async def _observe(run: _Run) -> None:
     for phase in PHASES:
         await run.barrier.wait()  # every agent has finished the phase
-        run.print_phase(phase, await _CHECKERS[phase](run))
+        looks = await asyncio.gather(*(_look(obs, phase) for obs in run.observers))
+        for obs in run.observers:
+            run.checks.extend(obs.checks)
+        run.print_phase(phase, _phase_summary(run, looks))
         await run.barrier.wait()  # let them go on
 
 
@@ -425,9 +522,35 @@ async def run_demo(host: str, port: int, vms: int = 10, out: TextIO | None = Non
     :raises ConnectError: when the observer or an agent cannot connect.
     :raises ValueError: for ``vms`` outside 1..1000 or a prefix that would make invalid ids.
     """
+    return await run_cluster_demo([(host, port)], vms, out, prefix=prefix)
+
+
+async def run_cluster_demo(servers: Sequence[str | tuple[str, int]], vms: int = 10, out: TextIO | None = None, *,
+                           prefix: str | None = None, settle: float = SETTLE) -> bool:
+    """Run the fleet demo against ``servers``, which must answer as one (several servers on one
+    database); print the report to ``out`` (stdout by default). True when every check passed.
+
+    ``servers`` are ``(host, port)`` pairs or ``"host:port"`` (see :func:`parse_address`).
+    Agent i talks to ``servers[i % len(servers)]``; each server has an observer, and each
+    observer's lists must match what the agents did. With several servers an observer looks
+    again for up to ``settle`` seconds before its checks count. One server is :func:`run_demo`.
+
+    :raises ConnectError: when an observer or an agent cannot connect.
+    :raises ValueError: for no servers, one unreadable or given twice, ``vms`` outside 1..1000,
+        ``settle`` not a positive number, or a prefix that would make invalid ids.
+    """
     out = sys.stdout if out is None else out
+    addresses = [parse_address(s) if isinstance(s, str) else s for s in servers]
+    if not addresses:
+        raise ValueError("no servers given")
+    wheres = [format_address(*address) for address in addresses]
+    twice = sorted({w for w in wheres if wheres.count(w) > 1})
+    if twice:
+        raise ValueError(f"server {twice[0]} given twice")
     if not 1 <= vms <= MAX_VMS:
         raise ValueError(f"vms must be from 1 to {MAX_VMS}, got {vms}")
+    if not (math.isfinite(settle) and settle > 0):
+        raise ValueError(f"settle must be a positive number of seconds, got {settle!r}")
     prefix = f"demo-{secrets.token_hex(4)}" if prefix is None else prefix
     longest = f"{prefix}-{vms - 1}-d1"
     if not _ID_CHARS.fullmatch(prefix) or len(longest) > 64:
@@ -437,27 +560,32 @@ async def run_demo(host: str, port: int, vms: int = 10, out: TextIO | None = Non
     plans = _plans(prefix, vms)
     timeout = _call_timeout(vms)
     async with AsyncExitStack() as stack:
-        observer = Client(host, port, timeout=timeout)
-        agents = [Client(host, port, timeout=timeout) for _ in plans]
-        for client in (observer, *agents):
+        observers = [Client(host, port, timeout=timeout) for host, port in addresses]
+        agents = [Client(*addresses[i % len(addresses)], timeout=timeout) for i in range(vms)]
+        for client in (*observers, *agents):
             stack.push_async_callback(client.close)  # close() of a client that never connected is a no-op
-        await observer.connect()
         # A few at a time: a thousand SYNs at once can overflow a listen backlog, and dropped
         # handshakes are retried by the kernel only after seconds. return_exceptions: every
-        # connect has ended before the stack closes the clients.
+        # connect has ended before the stack closes the clients. The observers first: a server
+        # that cannot be reached fails the run before a single agent connects.
         gate = asyncio.Semaphore(CONNECT_AT_ONCE)
 
-        async def connect(agent: Client) -> None:
+        async def connect(client: Client) -> None:
             async with gate:
-                await agent.connect()
+                await client.connect()
 
-        for result in await asyncio.gather(*(connect(a) for a in agents), return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
+        for group in (observers, agents):
+            for result in await asyncio.gather(*(connect(c) for c in group), return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
 
-        print(f"vmclient demo: {vms} VM agents against {host}:{port} (run {prefix})", file=out)
-        run = _Run(prefix, plans, observer, agents, out)
-        results = await asyncio.gather(_guarded(run, _observer(run)),
+        if len(addresses) == 1:
+            print(f"vmclient demo: {vms} VM agents against {wheres[0]} (run {prefix})", file=out)
+        else:
+            print(f"vmclient demo: {vms} VM agents spread over {len(addresses)} servers ({', '.join(wheres)}), "
+                  f"an observer on each (run {prefix})", file=out)
+        run = _Run(prefix, plans, addresses, observers, agents, out, settle)
+        results = await asyncio.gather(_guarded(run, _observe(run)),
                                        *(_guarded(run, _agent(run, i)) for i in range(vms)),
                                        return_exceptions=True)
         for result in results:  # a bug in the demo itself, not a failed check: let it show
@@ -468,8 +596,10 @@ async def run_demo(host: str, port: int, vms: int = 10, out: TextIO | None = Non
     print(f"elapsed {time.monotonic() - start:.2f} s", file=out)
     if failed:
         print(f"demo FAILED: {len(failed)} of {len(run.checks)} checks failed", file=out)
-    else:
+    elif len(addresses) == 1:
         print(f"demo passed: {vms} VMs", file=out)
+    else:
+        print(f"demo passed: {vms} VMs on {len(addresses)} servers", file=out)
     out.flush()
     return not failed
 
@@ -555,11 +685,38 @@ def _vms(text: str) -> int:
     return value
 
 
+def _servers(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT,HOST:PORT,...`` (``[IPv6]:PORT``; a missing port is the default one), none twice."""
+    servers: list[tuple[str, int]] = []
+    for entry in text.split(","):
+        if not entry.strip():
+            raise argparse.ArgumentTypeError(f"empty address in {text!r}")
+        try:
+            address = parse_address(entry, DEFAULT_PORT)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if address in servers:
+            raise argparse.ArgumentTypeError(f"server {format_address(*address)} given twice")
+        servers.append(address)
+    return servers
+
+
+def _settle(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmclient demo",
         description="Fleet demo: N VM agents, each on its own connection, register, connect, authorize, "
-        "update and leave concurrently while an observer checks the server's lists after every phase.",
+        "update and leave concurrently while an observer checks the server's lists after every phase; "
+        "with --servers, spread over several servers that share one database, every server's lists.",
         epilog="Exit status: 0 every check passed, 1 a mismatch, 2 cannot connect (or bad usage).",
     )
     parser.add_argument("--vms", type=_vms, default=10, help=f"number of VM agents, 1 to {MAX_VMS} (default 10)")
@@ -567,16 +724,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=None, help=f"server port (default {DEFAULT_PORT})")
     parser.add_argument("--spawn-server", action="store_true",
                         help="start a throwaway vmserver (python -m vmserver, temporary database) and stop it after")
+    parser.add_argument("--servers", type=_servers, default=None, metavar="HOST:PORT,HOST:PORT",
+                        help="several servers on one database (agent i on the i-th mod n, an observer on each); "
+                        "instead of --host, --port and --spawn-server")
+    parser.add_argument("--settle", type=_settle, default=None, metavar="SECONDS",
+                        help=f"with --servers: how long each observer may look again before a phase counts as "
+                        f"failed on its server, for changes on their way from another (default {SETTLE:g})")
     return parser
 
 
 def main(argv: list[str]) -> int:
-    """``vmclient demo [--vms N] [--host H] [--port P] [--spawn-server]``; returns the exit status."""
+    """``vmclient demo [--vms N] [--host H] [--port P] [--spawn-server] [--servers A,B [--settle S]]``;
+    returns the exit status."""
     parser = _parser()
     try:
         args = parser.parse_args(argv)
         if args.spawn_server and (args.host is not None or args.port is not None):
             parser.error("--spawn-server picks its own loopback port: drop --host and --port")
+        if args.servers is not None and (args.host is not None or args.port is not None or args.spawn_server):
+            parser.error("--servers names every server: drop --host, --port and --spawn-server")
+        if args.settle is not None and args.servers is None:
+            parser.error("--settle is for --servers (one server is checked once)")
     except SystemExit as exc:  # argparse: bad usage is status 2, --help is 0
         return int(exc.code or 0)
     try:
@@ -585,6 +753,9 @@ def main(argv: list[str]) -> int:
                 passed = asyncio.run(run_demo("127.0.0.1", server.port, args.vms))
                 if not passed:
                     print(f"vmclient demo: last lines of the server log:\n{server.log_tail()}", file=sys.stderr)
+        elif args.servers is not None:
+            settle = SETTLE if args.settle is None else args.settle
+            passed = asyncio.run(run_cluster_demo(args.servers, args.vms, settle=settle))
         else:
             host = "127.0.0.1" if args.host is None else args.host
             port = DEFAULT_PORT if args.port is None else args.port
