@@ -950,3 +950,22 @@ async def test_copy_from_sqlite_to_postgresql_and_back(pg_dsn: str, tmp_path: Pa
         assert back.snapshot() == snapshot
     finally:
         back.close()
+
+
+async def test_a_store_notifies_only_while_another_is_alive(pg_dsn: str) -> None:
+    """Alone, a store's commits send no NOTIFY (its cost is for nothing); once a second store
+    joins, the first knows at once, long before its next renewal (a third of a 60 s lease):
+    from the second's `join` NOTIFY, or, when that came before it listened, from a look."""
+    async with running(pg_dsn, lease_ttl=60) as first:
+        await asyncio.sleep(0.3)  # its listener is up
+        assert first.lease.others is False
+        async with running(pg_dsn, lease_ttl=60) as second:
+            assert second.lease.others is True  # it saw the first when it joined
+            await until(lambda: first.lease.others, seconds=5)
+    early = PostgresStore(pg_dsn, lease_ttl=60)  # joined, not listening yet
+    try:
+        async with running(pg_dsn, lease_ttl=60):  # its `join` reaches nobody
+            early.start(asyncio.get_running_loop())
+            await until(lambda: early.lease.others, seconds=5)
+    finally:
+        assert await asyncio.to_thread(early.close, WAIT)

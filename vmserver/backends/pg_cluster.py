@@ -265,6 +265,11 @@ class Listener:
                 if self._conn is None or self._conn.closed or self._conn.broken:
                     self._conn = self.store.connect("listener")
                     self._conn.execute(f"LISTEN {CHANNEL}")
+                    # A server that joined before we listened sent its `join` to nobody: look.
+                    lease = self.store.lease
+                    if self._conn.execute("SELECT EXISTS (SELECT 1 FROM vmserver_servers WHERE lease <> %s "
+                                          "AND expires_at > clock_timestamp())", (lease.id or 0,)).fetchone()[0]:
+                        lease.others = True
                     delay = 0.05
                 for note in self._conn.notifies(timeout=CATCH_UP, stop_after=1):
                     if note.payload == "join":  # a server joined: our commits wake it from now on
