@@ -1618,18 +1618,23 @@ def fig_fleet(b: Bench, fig: Figure) -> None:
 # --- figure 13: the PostgreSQL backend ---------------------------------------------------------
 
 
-def fig_postgres(b: Bench, fig: Figure) -> None:
-    """Figures 2 and 3 on PostgreSQL beside SQLite, and the floor for PostgreSQL's writes, all on
-    one durable throwaway cluster."""
+def _on_postgres(b: Bench, fig: Figure, name: str, body: Callable[[Bench, Figure, pg_figure.Sandbox], None]) -> None:
+    """``body`` on a durable throwaway PostgreSQL of its own (not available without one)."""
     why = pg_figure.unavailable()
     if why is not None:
         fig.not_available.append(why)
         return
-    with pg_figure.cluster(b.tmp / "pg", _env(), b.tmp / "pg-guard.log") as pg:
+    with pg_figure.cluster(b.tmp / name, _env(), b.tmp / f"{name}-guard.log") as pg:
         try:
-            _postgres_figure(b, fig, pg)
+            body(b, fig, pg)
         finally:
             b.close()  # the servers before their database
+
+
+def fig_postgres(b: Bench, fig: Figure) -> None:
+    """Figures 2 and 3 on PostgreSQL beside SQLite, and the floor for PostgreSQL's writes, all on
+    one durable throwaway cluster."""
+    _on_postgres(b, fig, "pg", _postgres_figure)
 
 
 def _postgres_figure(b: Bench, fig: Figure, pg: pg_figure.Sandbox) -> None:
@@ -1726,16 +1731,8 @@ CLUSTER_TTL = 5  # figure 14's lease: (d) waits for it to expire once per run
 
 def fig_cluster(b: Bench, fig: Figure) -> None:
     """Two servers against one on the same PostgreSQL: figure 4's agent lifecycle and figure 2's
-    get_all_vms spread over them; cross-server event latency; a killed server's VMs released."""
-    why = pg_figure.unavailable()
-    if why is not None:
-        fig.not_available.append(why)
-        return
-    with pg_figure.cluster(b.tmp / "pgc", _env(), b.tmp / "pgc-guard.log") as pg:
-        try:
-            _cluster_figure(b, fig, pg)
-        finally:
-            b.close()  # the servers before their database
+    reads spread over them; cross-server event latency; a killed server's VMs released."""
+    _on_postgres(b, fig, "pgc", _cluster_figure)
 
 
 def _wait_list_len(port: int, expected: int, timeout: float) -> None:

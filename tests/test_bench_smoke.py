@@ -611,7 +611,7 @@ def test_the_guard_kills_the_cluster_when_the_suite_is_gone_or_did_not_stop_it(t
 
 FIGURE_NAMES = {"health_pipelined", "small_reads", "durable_writes", "agent_lifecycle", "large_inventory",
                 "idle_sessions", "slow_disk_writes", "fairness", "memory", "subscribers", "gc_pauses", "fleet",
-                "postgres"}
+                "postgres", "cluster"}
 
 
 def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
@@ -624,14 +624,14 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     figures = results["figures"]
     assert set(figures) == FIGURE_NAMES, log
-    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 14))
+    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 15))
     postgres = pg_figure.unavailable()
     for name, fig in figures.items():
         assert fig["available"] and fig["error"] is None, (name, fig["error"])
         if name == "slow_disk_writes" and not (shutil.which("cc") or shutil.which("gcc")):
             assert fig["not_available"] and "C compiler" in fig["not_available"][0]
             continue
-        if name == "postgres" and postgres is not None:  # skipped, in one line
+        if name in ("postgres", "cluster") and postgres is not None:  # skipped, in one line
             assert fig["not_available"] == [postgres] and not fig["rows"], fig
             continue
         assert fig["rows"] and fig["runs"], name
@@ -640,6 +640,10 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
         else:
             assert fig["not_available"] == [], (name, fig["not_available"])
     assert figures["health_pipelined"]["metrics"]["health_pipelined"]["ours_requests_per_s"] > 0
+    if postgres is None:  # several servers: every probe heard, the killed server's VMs released
+        cluster = figures["cluster"]["metrics"]
+        assert cluster["event_latency_ms"]["cross_p99"] > 0 and cluster["release_s"] > 0
+        assert cluster["lifecycle"]["two_rate_per_s"] > 0 and len(cluster["lifecycle"]["two_cpu_us_per_request_per_server"]) == 2
     assert figures["small_reads"]["metrics"]["get_all_vms"]["reference_requests_per_s"] > 0
     assert figures["durable_writes"]["metrics"]["group_commit_writes_per_s"] > 0
     # Read back from each server's shutdown log line: one commit per write means exactly that.
