@@ -588,3 +588,37 @@ async def test_a_server_restarted_after_a_crash_releases_the_old_vms_at_once(nod
         assert took < ttl / 3, f"released {took:.1f}s after the start: at the first renewal, not at once"
         history = await w.ok("get_history", vm_id="cr1", event="vm_disconnected")
         assert [h["reason"] for h in history] == ["server_lost"]
+
+
+async def test_a_hung_postgresql_past_the_lease_every_server_drops_its_sessions_then_serves(
+        nodes, own_pg: Sandbox):
+    """PostgreSQL stopped (SIGSTOP: its sockets stay open and answer keepalives, no statement
+    ever times out) for longer than the lease: each server's renewal is cut off by its own
+    deadline, so it still closes its sessions before the lease could expire, and serves again
+    once PostgreSQL runs."""
+    from vmserver.backends.pg_sandbox import _children
+
+    dsn = own_pg.create_database("inv")
+    a, b = nodes(dsn), nodes(dsn)
+    async with wires(a) as (wa,), wires(b) as (wb,):
+        await wa.ok("connect_vm", **vm_args("hg1"))
+        pids = [own_pg.pid, *_children(own_pg.pid)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            for w in (wa, wb):
+                lines = []
+                while line := await asyncio.wait_for(w.reader.readline(), TTL + 5):
+                    lines.append(json.loads(line))
+                assert [m.get("event") for m in lines[-1:]] == ["shutdown"], lines
+            assert time.monotonic() - stopped < TTL, "a session outlived its server's lease"
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+    for node in (a, b):
+        await until(lambda node=node: _serves(node), "serving again", 30)
+    async with wires(b) as (w,):
+        await until(lambda: _shows(w, "hg1", connected=False), "hg1 released", TTL + 10)
+        await until(lambda: _connects(w, "hg1"), "hg1 connected again")
