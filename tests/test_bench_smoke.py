@@ -643,7 +643,8 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     if postgres is None:  # several servers: every probe heard, the killed server's VMs released
         cluster = figures["cluster"]["metrics"]
         assert cluster["event_latency_ms"]["cross_p99"] > 0 and cluster["release_s"] > 0
-        assert cluster["lifecycle"]["two_rate_per_s"] > 0 and len(cluster["lifecycle"]["two_cpu_us_per_request_per_server"]) == 2
+        lifecycle = cluster["lifecycle"]
+        assert lifecycle["two_rate_per_s"] > 0 and len(lifecycle["two_cpu_us_per_request_per_server"]) == 2
     assert figures["small_reads"]["metrics"]["get_all_vms"]["reference_requests_per_s"] > 0
     assert figures["durable_writes"]["metrics"]["group_commit_writes_per_s"] > 0
     # Read back from each server's shutdown log line: one commit per write means exactly that.

@@ -40,7 +40,7 @@ class Context:
         self.require_passwords = config.require_passwords
         self.attempts = AttemptLimiter(config.auth_failures_allowed)
         # With several servers, failures made through the others count here too.
-        inventory.on_auth_failed_elsewhere = lambda vm_id, count: self.attempts.elsewhere(vm_id, count, time.monotonic())
+        inventory.on_auth_failed_elsewhere = lambda vm_id, n: self.attempts.elsewhere(vm_id, n, time.monotonic())
 
 
 Result = Union[bytes, tuple[bytes, ...], Awaitable[bytes]]  # a tuple: JSON in pieces (listing.Encoded)

@@ -292,7 +292,8 @@ class Listener:
                 self._loop.call_soon_threadsafe(self._poke)
 
 
-FeedRow = tuple[int, str, str, "str | None", "int | None", "str | None", "int | None"]  # seq, vm_id, event, reason, count, payload, lease
+# seq, vm_id, event, reason, count, payload, lease
+FeedRow = tuple[int, str, str, "str | None", "int | None", "str | None", "int | None"]
 
 
 class Sequencer:
