@@ -43,6 +43,15 @@ class Context:
         inventory.on_auth_failed_elsewhere = lambda vm_id, n: self.attempts.elsewhere(vm_id, n, time.monotonic())
 
 
+class SlowDown(CommandError):
+    """auth_failed because password guessing for a VM is being slowed down: try again in
+    ``retry_after`` seconds (HTTP answers it 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(ErrorCode.AUTH_FAILED, message)
+        self.retry_after = retry_after
+
+
 Result = Union[bytes, tuple[bytes, ...], Awaitable[bytes]]  # a tuple: JSON in pieces (listing.Encoded)
 Handler = Callable[[Context, Owner, dict[str, Any]], Result]
 
@@ -95,15 +104,14 @@ async def _check_password(ctx: Context, session: Owner, vm: VM, password: str | 
     assert vm.password_hash is not None
     wait = ctx.attempts.locked_for(vm.vm_id, time.monotonic())
     if wait > 0:
-        raise CommandError(ErrorCode.AUTH_FAILED,
-                           f"too many failed password attempts for VM {vm.vm_id!r}; try again in {math.ceil(wait)}s")
+        raise SlowDown(f"too many failed password attempts for VM {vm.vm_id!r}; try again in {math.ceil(wait)}s",
+                       math.ceil(wait))
     if password is None:
         ctx.attempts.missing(vm.vm_id, time.monotonic())
         await _recorded(ctx.inventory.auth_failed(vm, session, cmd))
         raise CommandError(ErrorCode.AUTH_FAILED, f"VM {vm.vm_id!r} has a password: give password=...")
     if not ctx.attempts.begin(vm.vm_id):
-        raise CommandError(ErrorCode.AUTH_FAILED,
-                           f"too many password checks for VM {vm.vm_id!r} under way at once; try again in 1s")
+        raise SlowDown(f"too many password checks for VM {vm.vm_id!r} under way at once; try again in 1s", 1)
     ok = False
     try:
         ok = await asyncio.to_thread(verify_password, password, vm.password_hash)
@@ -367,6 +375,33 @@ async def _refuse_token(session: Owner) -> bytes:
 # --- dispatch ----------------------------------------------------------------------------
 
 
+def run(ctx: Context, session: Owner, name: str, args: dict[str, Any]) -> Result:
+    """Run command ``name``: its result JSON (bytes, or in pieces), or for a command with slow
+    work an awaitable of it. The one entry for every front end (the line protocol, HTTP).
+
+    :raises CommandError: unknown_command, unauthenticated, invalid_args, and whatever the
+        command refuses; any other exception is a failure (see failure()). The awaitable
+        raises the same.
+    """
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        raise CommandError(ErrorCode.UNKNOWN_COMMAND, _unknown(name))
+    if not session.authenticated and cmd.name not in OPEN_COMMANDS:
+        raise CommandError(ErrorCode.UNAUTHENTICATED, "this server requires a token: send auth token=... first")
+    return cmd.handler(ctx, session, cmd.schema.validate(cmd.name, args))
+
+
+def failure(name: str, exc: Exception) -> CommandError:
+    """What the client hears of ``exc`` raised by command ``name`` (logged when it is our fault)."""
+    if isinstance(exc, StorageError):  # the message names the database: for the log, not the client
+        log.error("%s failed: %s", name, exc)
+        return CommandError(ErrorCode.INTERNAL, f"{name} failed: storage error (nothing was changed)")
+    if isinstance(exc, CommandError):
+        return exc
+    log.error("%s failed with an unexpected error", name, exc_info=exc)
+    return CommandError(ErrorCode.INTERNAL, f"{name} failed: internal error (see server log)")
+
+
 Reply = Union[bytes, tuple[bytes, ...]]
 
 
@@ -376,42 +411,31 @@ def execute(ctx: Context, session: Owner, request: Request) -> Reply | Awaitable
 
     Not a coroutine itself, so the common, quick commands cost no coroutine at all.
     """
-    cmd = COMMANDS.get(request.cmd)
-    if cmd is None:
-        return encode_error(request.id, ErrorCode.UNKNOWN_COMMAND, _unknown(request.cmd))
-    if not session.authenticated and cmd.name not in OPEN_COMMANDS:
-        return encode_error(request.id, ErrorCode.UNAUTHENTICATED,
-                            "this server requires a token: send auth token=... first")
     try:
-        result = cmd.handler(ctx, session, cmd.schema.validate(cmd.name, request.args))
+        result = run(ctx, session, request.cmd, request.args)
     except Exception as exc:
-        return _error_reply(request, cmd, exc)
+        return _error_reply(request, exc)
     if type(result) is bytes or type(result) is tuple:  # done at once (tuple: a large list, in pieces)
         return encode_ok(request.id, result)  # type: ignore[arg-type]
-    return _finish(request, cmd, result)  # type: ignore[arg-type]
+    return _finish(request, result)  # type: ignore[arg-type]
 
 
-async def _finish(request: Request, cmd: Command, pending: Awaitable[bytes]) -> Reply:
+async def _finish(request: Request, pending: Awaitable[bytes]) -> Reply:
     try:
         return encode_ok(request.id, await pending)
     except Exception as exc:
-        return _error_reply(request, cmd, exc)
+        return _error_reply(request, exc)
 
 
-def _error_reply(request: Request, cmd: Command, exc: Exception) -> bytes:
+def _error_reply(request: Request, exc: Exception) -> bytes:
     if isinstance(exc, InvalidArgs):
         message = exc.message
         hint = request.hints.get(exc.arg) if request.hints else None
         if hint:
             message = f"{message} ({exc.arg}: {hint})"
         return encode_error(request.id, exc.code, message)
-    if isinstance(exc, StorageError):  # the message names the database: for the log, not the client
-        log.error("%s failed: %s", cmd.name, exc)
-        return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: storage error (nothing was changed)")
-    if isinstance(exc, CommandError):
-        return encode_error(request.id, exc.code, exc.message)
-    log.error("%s failed with an unexpected error", cmd.name, exc_info=exc)
-    return encode_error(request.id, ErrorCode.INTERNAL, f"{cmd.name} failed: internal error (see server log)")
+    error = failure(request.cmd, exc)
+    return encode_error(request.id, error.code, error.message)
 
 
 def _unknown(name: str) -> str:
