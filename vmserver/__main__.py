@@ -30,6 +30,12 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if config.http_port is not None:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            log.error("cannot start: --http-port needs aiohttp: pip install 'vmserver[http]'")
+            return 1
     limits.raise_fd_limit()  # each session is a descriptor; the server sizes its cap from this
     try:
         server = await start_server(config)
@@ -54,6 +60,10 @@ async def serve(config: Config) -> int:
     extras.append(f"up to {server.max_sessions} sessions + {config.local_reserve} local")
     log.info("vmserver %s listening on %s (server id %s; db: %s%s)", __version__, _show(host, port), SERVER_ID,
              server.inventory.store.label, "".join(f"; {e}" for e in extras))
+    if server.http is not None:
+        http_host, http_port = server.http.address
+        log.info("HTTP API on %s://%s (sessions end after %gs without a request)",
+                 "https" if config.tls_cert else "http", _show(http_host, http_port), config.http_session_ttl)
     console = None
     if config.console:
         if sys.stdin.isatty():

@@ -42,6 +42,8 @@ class Config:
     shutdown_grace: float = 10.0  # seconds in-flight commands get to finish on shutdown
     auth_failures_allowed: int = 5  # per VM, before authorize_vm attempts are slowed down
     lease_ttl: float = 15.0  # PostgreSQL: a server silent this long is lost, and its VMs released
+    http_port: int | None = None  # also serve the HTTP API (http_api.py); None: off
+    http_session_ttl: float = 60.0  # seconds without a request before an HTTP session ends
 
 
 def _port(text: str) -> int:
@@ -84,6 +86,13 @@ def _ttl(text: str) -> float:
     value = _non_negative(text)
     if value < 1:  # renewals every TTL/3 need a few round trips of slack
         raise argparse.ArgumentTypeError(f"must be at least 1 second: {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _non_negative(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {value}")
     return value
 
 
@@ -136,6 +145,11 @@ _OPTIONS = [
     ("--lease-ttl", "VMSERVER_LEASE_TTL", _ttl,
      "PostgreSQL, several servers: a server that cannot renew its lease for this many seconds has "
      "lost it (its sessions are closed first) and its VMs are disconnected (default %s)"),
+    ("--http-port", "VMSERVER_HTTP_PORT", _port,
+     "also serve the HTTP API on this port, same --host and TLS (default: off; 0 picks a free one; "
+     "needs: pip install 'vmserver[http]'; see docs/http.md)"),
+    ("--http-session-ttl", "VMSERVER_HTTP_SESSION_TTL", _seconds,
+     "an HTTP session without a request for this many seconds ends, its VMs disconnected (default %s)"),
     ("--require-passwords", "VMSERVER_REQUIRE_PASSWORDS", None,
      "every VM must have a password (add_vm, connect_vm without one are refused)"),
 ]

@@ -219,6 +219,7 @@ class Server:
         self._reaped = asyncio.Event()
         self._reaped.set()
         self._reaper: asyncio.Task[None] | None = None
+        self.http: Any = None  # the HTTP API (http_api.HttpApi) with --http-port
 
     async def start(self, tls: ssl.SSLContext | None = None) -> None:
         """Listen (with TLS when given a context). :raises OSError: address in use."""
@@ -237,6 +238,17 @@ class Server:
             for sock in socks[len(self._servers):]:
                 sock.close()
             raise
+        if self.config.http_port is not None:
+            from .http_api import HttpApi  # aiohttp only when asked for: an optional extra
+
+            http = HttpApi(self)
+            try:
+                await http.start(tls)
+            except BaseException:
+                for server in self._servers:
+                    server.close()
+                raise
+            self.http = http
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap())
         if self.config.idle_timeout > 0:
@@ -262,6 +274,7 @@ class Server:
                 task.cancel()
         for server in self._servers:
             server.close()
+        http = asyncio.ensure_future(self.http.close()) if self.http is not None else None  # stops listening now
         tasks = [s.task for s in self.sessions if s.task is not None]
         for session in list(self.sessions):
             if not session.busy:
@@ -275,6 +288,8 @@ class Server:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        if http is not None:
+            await http  # its requests in flight finish, then its sessions end
         await self._reaped.wait()  # every ended session released (its history rows submitted)
         if self._reaper is not None:
             self._reaper.cancel()
@@ -458,6 +473,8 @@ class Server:
         self._unavailable = why
         for session in list(self.sessions):
             self._stop(session, LEASE_LOST)
+        if self.http is not None:
+            self.http.end_all("session_closed")
 
     def _lease_held(self) -> None:
         if self._unavailable is not None:
