@@ -16,6 +16,7 @@ import select
 import shlex
 import shutil
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import aiohttp
 import pytest
 
 from conftest import TIMEOUT, Wire, running, vm_args
+from test_security import cert  # noqa: F401  (the self-signed certificate fixture)
 from vmserver.server import Server
 
 PW = "http-pw-right"
@@ -186,6 +188,10 @@ async def test_list_paging_and_filters_as_query_parameters(db):
             assert status == 400 and code(body) == "invalid_args", (params, body)
         status, body, _ = await get(http, f"{base}/get_all_vms?limit=1&limit=2")
         assert status == 400 and code(body) == "bad_request"
+        # digits of other scripts are not numbers here, as they are not in JSON
+        for params in ({"limit": "\u0663"}, {"after": "\uff11"}, {"limit": "1" * 40}):
+            status, body, _ = await get(http, f"{base}/get_all_vms", params=params)
+            assert status == 400 and code(body) == "invalid_args", (params, body)
 
 
 # --- honest failures -------------------------------------------------------------------------
@@ -278,6 +284,21 @@ async def test_ready_is_503_while_the_database_takes_no_writes(db):
             blocker.execute("ROLLBACK")
             blocker.close()
         assert (await get(http, f"{base}/ready"))[:2] == (200, "ready")
+
+
+async def test_https_with_the_line_servers_certificate(db, cert):  # noqa: F811
+    cert_pem, key_pem = cert
+    async with running(db, http_port=0, tls_cert=cert_pem, tls_key=key_pem) as srv:
+        port = srv.http.address[1]
+        trusted = ssl.create_default_context(cafile=cert_pem)
+        async with client() as http:
+            status, body, _ = await post(http, f"https://127.0.0.1:{port}/add_vm", vm_args("tls-1"), ssl=trusted)
+            assert (status, body) == (200, "ВМ добавлена")
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP to the TLS port is not served
+                await get(http, f"http://127.0.0.1:{port}/health")
+            with pytest.raises(aiohttp.ClientError):  # nor TLS without trusting the certificate
+                await get(http, f"https://127.0.0.1:{port}/health")
+            assert (await get(http, f"https://127.0.0.1:{port}/health", ssl=trusted))[:2] == (200, "OK")
 
 
 # --- the token ---------------------------------------------------------------------------------
