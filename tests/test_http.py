@@ -221,9 +221,26 @@ async def test_every_failure_has_its_status_and_code(db):
         cases.append((await post(b, f"{base}/disconnect_vm", {"vm_id": "f-1"}), 403, "not_connected"))
         for (status, body, _), want_status, want_code in cases:
             assert (status, code(body)) == (want_status, want_code), body
+        assert "POST" in (await get(a, f"{base}/add_vm"))[2]["Allow"]
         # nothing of it changed anything: f-1 as it was, still a's
         status, body, _ = await get(a, f"{base}/get_all_vms")
         assert [(v["vm_id"], v["ram"], v["connected"]) for v in body] == [("f-1", 1024, True)]
+
+
+async def test_hostile_bodies_are_400_and_the_server_goes_on(db):
+    bodies = [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000, b'{"vm_id": NaN}', b'{"vm_id": 1e999}', b"",
+              b'"just a string"', b'{"vm_id": "h-1", "ram": 1, "cpu": 1, "disks": [], "extra": 1}',
+              b'{"vm_id": "h-1", "ram": 99999999999999999999999, "cpu": 1, "disks": []}']
+    async with http_server(db, max_line=1024 * 1024) as (srv, base), client() as http:
+        w = await Wire.open(srv.address[1])
+        await w.ok("connect_vm", **vm_args("bystander"))
+        for data in bodies:
+            async with http.post(f"{base}/add_vm", data=data, headers={"Content-Type": "application/json"}) as r:
+                body = await r.json()
+                assert r.status == 400 and code(body) in ("bad_request", "invalid_args"), (data[:40], body)
+        assert (await get(http, f"{base}/get_all_vms"))[1][0]["vm_id"] == "bystander"  # nothing added
+        assert (await w.ok("get_vm", vm_id="bystander"))["connected"] is True  # its session untouched
+        await w.close()
 
 
 async def test_post_bodies_must_be_json(db):
