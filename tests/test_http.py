@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 
 from conftest import TIMEOUT, Wire, running, vm_args
+from test_cluster import nodes  # noqa: F401  (server processes on one PostgreSQL)
 from test_security import cert  # noqa: F401  (the self-signed certificate fixture)
 from vmserver.server import Server
 
@@ -451,3 +452,68 @@ def test_the_http_port_is_logged_and_served(spawn, tmp_path):
     with urllib.request.urlopen(f"http://127.0.0.1:{int(found.group(1))}/health", timeout=TIMEOUT) as r:
         assert r.read() == b"OK"
     assert proc.stop() == 0
+
+
+# --- a cluster: two servers on one PostgreSQL --------------------------------------------------
+
+
+def _http_port(node: Any) -> int:
+    deadline = time.monotonic() + TIMEOUT
+    while (found := re.search(r"HTTP API on http://127\.0\.0\.1:(\d+)", node.log)) is None:
+        assert time.monotonic() < deadline, node.log
+        time.sleep(0.02)
+    return int(found.group(1))
+
+
+async def test_cluster_presence_across_protocols_and_the_lease_lost(nodes, own_pg):  # noqa: F811
+    """HTTP on server a and TCP on server b exclude each other on one VM; when PostgreSQL stays
+    away past the lease, a refuses HTTP (503) and is not ready, its HTTP session is gone, and b
+    releases its VMs (server_lost); once PostgreSQL is back, a is ready again."""
+    from test_cluster import TTL, until
+
+    dsn = own_pg.create_database("http")
+    a, b = nodes(dsn, "--http-port", "0"), nodes(dsn)
+    base = f"http://127.0.0.1:{_http_port(a)}"
+    wb = await b.wire()
+    async with client() as http:
+        assert (await post(http, f"{base}/connect_vm", vm_args("cl-1")))[0] == 200
+        await wb.ok("connect_vm", **vm_args("cl-2"))
+
+        async def b_refuses() -> bool:
+            reply = await wb.call("connect_vm", vm_id="cl-1")
+            return not reply["ok"] and reply["error"]["code"] == "conflict"
+
+        async def a_refuses() -> bool:
+            status, body, _ = await post(http, f"{base}/connect_vm", {"vm_id": "cl-2"})
+            return status == 409 and code(body) == "conflict"
+
+        await until(b_refuses, "cl-1 held over HTTP on a: conflict on b")
+        await until(a_refuses, "cl-2 held over TCP on b: conflict on a")
+        await wb.close()
+        b.server.kill()  # from here on a alone: its lease is what is tested
+        await asyncio.to_thread(own_pg.stop)
+        try:
+            async def a_unavailable() -> bool:
+                status, body, _ = await get(http, f"{base}/get_all_vms")
+                return status == 503 and code(body) == "unavailable"
+
+            await until(a_unavailable, "a refuses once its lease is lost", TTL + 5)
+            status, body, _ = await get(http, f"{base}/ready")
+            assert status == 503 and "not ready" in body["error"]["message"]
+            assert (await get(http, f"{base}/health"))[:2] == (200, "OK")
+        finally:
+            await asyncio.sleep(TTL)  # past the lease
+            await asyncio.to_thread(own_pg.start)
+
+        async def a_ready() -> bool:
+            return (await get(http, f"{base}/ready"))[0] == 200
+
+        await until(a_ready, "a ready again", 30)
+
+        async def released() -> bool:
+            status, body, _ = await get(http, f"{base}/get_vm", params={"vm_id": "cl-1"})
+            return status == 200 and body["connected"] is False
+
+        await until(released, "cl-1 released", TTL + 10)
+        status, body, _ = await post(http, f"{base}/authorize_vm", {"vm_id": "cl-1"})  # the old session is gone
+        assert status == 403 and code(body) == "not_connected", body

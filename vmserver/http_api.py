@@ -181,7 +181,7 @@ class HttpApi:
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """The token, the lease, and our error body for aiohttp's own refusals (404, 405, 413)."""
-        if self.server._unavailable is not None and request.path != "/health":
+        if self.server._unavailable is not None and request.path not in _OPEN_PATHS:  # /ready says why itself
             return error_response(ErrorCode.UNAVAILABLE, "this server lost touch with its database "
                                   f"({self.server._unavailable}); try another server, or again shortly")
         if self.context.token is not None and request.path not in _OPEN_PATHS:
@@ -315,7 +315,9 @@ class HttpApi:
     async def _ready(self, request: web.Request) -> web.Response:
         """Readiness: the database takes writes (in a cluster: this server holds its lease)."""
         why = self.server._unavailable
-        if why is None:
+        if why is not None:
+            why = f"this server holds no lease on the database ({why})"
+        else:
             why = await asyncio.to_thread(_not_writable, self.config.db, self.config.busy_timeout_ms / 1000)
         if why is None:
             return web.Response(text="ready")
@@ -350,7 +352,7 @@ def _not_writable(db: str, timeout: float) -> str | None:
         if is_postgres(db):
             import psycopg
 
-            with psycopg.connect(db, connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
+            with psycopg.connect(db, connect_timeout=max(1, int(min(timeout, 2.0))), autocommit=True) as conn:
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
                     return f"database {mask_dsn(db)} is a read-only standby"
             return None
