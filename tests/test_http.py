@@ -332,6 +332,13 @@ async def test_the_token_as_a_bearer(db):
         assert status == 401 and code(body) == "unauthenticated"
         assert (await get(http, f"{base}/health"))[:2] == (200, "OK")
         assert (await get(http, f"{base}/ready"))[0] == 200
+        # a token that is not UTF-8 (the header's bytes as sent) is a wrong token, not a crash
+        reader, writer = await asyncio.open_connection(*srv.http.address)
+        writer.write(b"GET /get_all_vms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xed\xa0\x80\r\n"
+                     b"Connection: close\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 401 ") and b'"auth_failed"' in reply, reply[:300]
         good = {"Authorization": "Bearer http-token"}
         assert (await post(http, f"{base}/add_vm", vm_args("t-1"), headers=good))[:2] == (200, "ВМ добавлена")
         assert [v["vm_id"] for v in (await get(http, f"{base}/get_all_vms", headers=good))[1]] == ["t-1"]

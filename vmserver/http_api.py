@@ -200,6 +200,11 @@ class HttpApi:
             if exc.status == 413:
                 return self._too_large()
             raise
+        except (ConnectionError, OSError):
+            raise  # the client went away mid-reply: nobody to answer
+        except Exception:  # a bug of ours: our error body, not aiohttp's text/plain 500
+            log.exception("HTTP %s %s failed with an unexpected error", request.method, request.path)
+            return error_response(ErrorCode.INTERNAL, "internal error (see server log)")
 
     async def _check_token(self, request: web.Request) -> web.Response | None:
         header = request.headers.get("Authorization", "")
@@ -209,7 +214,8 @@ class HttpApi:
             return error_response(ErrorCode.UNAUTHENTICATED,
                                   "this server requires a token: send Authorization: Bearer TOKEN", 401, challenge)
         assert self.context.token is not None
-        if hmac.compare_digest(token.strip().encode("utf-8"), self.context.token):
+        # (errors="replace": a header aiohttp decoded with surrogates must be a wrong token, not a crash)
+        if hmac.compare_digest(token.strip().encode("utf-8", errors="replace"), self.context.token):
             return None
         log.warning("HTTP %s %s: wrong token from %s", request.method, request.path, request.remote)
         await asyncio.sleep(0.5)  # one guess per half second per request
@@ -273,6 +279,8 @@ class HttpApi:
                 result = await result  # type: ignore[misc]
         except Exception as exc:
             error = failure(name, exc)
+            if opened:
+                self.server.inventory.release(owner)  # a refused connect leaves nothing bound to it
             headers = {"Retry-After": str(error.retry_after)} if isinstance(error, SlowDown) else None
             return self._with_session(error_response(error.code, error.message, 429 if headers else None, headers),
                                       session)
