@@ -184,11 +184,11 @@ class HttpApi:
         if self.server._unavailable is not None and request.path not in _OPEN_PATHS:  # /ready says why itself
             return error_response(ErrorCode.UNAVAILABLE, "this server lost touch with its database "
                                   f"({self.server._unavailable}); try another server, or again shortly")
-        if self.context.token is not None and request.path not in _OPEN_PATHS:
-            refused = await self._check_token(request)
-            if refused is not None:
-                return refused
         try:
+            if self.context.token is not None and request.path not in _OPEN_PATHS:
+                refused = await self._check_token(request)
+                if refused is not None:
+                    return refused
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status == 404:
