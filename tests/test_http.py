@@ -289,7 +289,7 @@ async def test_password_slowdown_is_429_with_retry_after(db):
 
 
 @pytest.mark.sqlite_only
-async def test_ready_is_503_while_the_database_takes_no_writes(db):
+async def test_ready_and_writes_are_503_while_the_database_takes_no_writes(db):
     async with http_server(db) as (srv, base), client() as http:
         assert (await get(http, f"{base}/ready"))[:2] == (200, "ready")
         blocker = sqlite3.connect(db, isolation_level=None)
@@ -298,6 +298,9 @@ async def test_ready_is_503_while_the_database_takes_no_writes(db):
             status, body, _ = await get(http, f"{base}/ready")
             assert status == 503 and code(body) == "unavailable" and "not ready" in body["error"]["message"]
             assert (await get(http, f"{base}/health"))[:2] == (200, "OK")  # alive all the same
+            status, body, _ = await post(http, f"{base}/add_vm", vm_args("int-1") | {"password": "pw-int"})
+            assert status == 503 and code(body) == "internal" and "nothing was changed" in body["error"]["message"]
+            assert "pw-int" not in json.dumps(body) and db not in json.dumps(body)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
