@@ -450,6 +450,19 @@ def test_without_aiohttp_the_flag_exits_1_naming_the_extra(tmp_path):
     assert not (tmp_path / "v.db").exists()  # refused before anything was created
 
 
+def test_a_taken_http_port_exits_1_naming_it(spawn, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = spawn("--port", "0", "--http-port", str(port), "--db", str(tmp_path / "v.db"))
+        assert proc.run_to_exit() == 1
+    errors = [line for line in proc.log.decode().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"address HTTP 127.0.0.1:{port}" in errors[0], errors
+
+
 def test_the_http_port_is_logged_and_served(spawn, tmp_path):
     proc = spawn("--port", "0", "--http-port", "0", "--db", str(tmp_path / "v.db"))
     proc.wait_listening()

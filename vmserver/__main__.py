@@ -46,7 +46,8 @@ async def serve(config: Config) -> int:
         log.error("cannot start: %s", exc)
         return 1
     except OSError as exc:
-        log.error("cannot start: %s (address %s, db %s)", exc, _show(config.host, config.port), mask_dsn(config.db))
+        address = getattr(exc, "vmserver_address", None) or _show(config.host, config.port)
+        log.error("cannot start: %s (address %s, db %s)", exc, address, mask_dsn(config.db))
         return 1
     # The loaded inventory lives as long as the server, and so do most sessions: keep the cyclic
     # GC from walking them (a full collection over 100,000 VMs stalls the loop for ~90 ms).

@@ -134,8 +134,10 @@ class HttpApi:
         try:
             site = web.TCPSite(runner, self.config.host, self.config.http_port, ssl_context=tls, backlog=4096)
             await site.start()
-        except BaseException:
+        except BaseException as exc:
             await runner.cleanup()
+            if isinstance(exc, OSError):  # the start failure line names this port, not the line server's
+                exc.vmserver_address = f"HTTP {self.config.host}:{self.config.http_port}"  # type: ignore[attr-defined]
             raise
         self._runner = runner
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
