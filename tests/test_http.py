@@ -414,6 +414,40 @@ async def test_shutdown_ends_http_sessions(db):
     assert vm["connected"] is False and history[0]["reason"] == "shutdown", history
 
 
+@pytest.mark.sqlite_only
+async def test_a_connect_in_flight_at_shutdown_is_answered_then_released(db):
+    """Shutdown lets the HTTP request in flight finish (its write waits for a lock held by
+    another process); the session it opened ends at once, its VM disconnected (shutdown)."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    srv, closing = None, None
+    try:
+        async with http_server(db, busy_timeout_ms=5000) as (srv, base), client() as http:
+            blocker.execute("BEGIN IMMEDIATE")
+            request = asyncio.ensure_future(post(http, f"{base}/connect_vm", vm_args("fl-1")))
+            for _ in range(200):  # until the server is writing it (reserved, waiting for the lock)
+                if "fl-1" in srv.inventory._reserved_vm_ids:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the request never reached the server")
+            closing = asyncio.ensure_future(srv.close())
+            await asyncio.sleep(0.1)
+            assert not request.done()
+            blocker.execute("COMMIT")
+            status, body, headers = await asyncio.wait_for(request, TIMEOUT)
+            assert (status, body) == (200, "ВМ подключена")
+            await asyncio.wait_for(closing, TIMEOUT)
+            assert not srv.http.sessions
+    finally:
+        blocker.close()
+    async with running(db) as again:
+        w = await Wire.open(again.address[1])
+        assert (await w.ok("get_vm", vm_id="fl-1"))["connected"] is False
+        history = await w.ok("get_history", vm_id="fl-1", event="vm_disconnected")
+        assert [h["reason"] for h in history] == ["shutdown"], history
+        await w.close()
+
+
 # --- both protocols on one VM ---------------------------------------------------------------------
 
 
@@ -435,6 +469,20 @@ async def test_tcp_and_http_sessions_exclude_each_other(db):
 
 
 # --- the command line ------------------------------------------------------------------------------
+
+
+def test_the_flags_and_their_environment_variables():
+    from vmserver.config import parse_config
+
+    assert parse_config([], environ={}).http_port is None  # off by default
+    config = parse_config([], environ={"VMSERVER_HTTP_PORT": "8081", "VMSERVER_HTTP_SESSION_TTL": "2.5"})
+    assert (config.http_port, config.http_session_ttl) == (8081, 2.5)
+    assert parse_config(["--http-port", "0"], environ={"VMSERVER_HTTP_PORT": "8081"}).http_port == 0
+    for argv in (["--http-port", "65536"], ["--http-port", "x"], ["--http-session-ttl", "0"],
+                 ["--http-session-ttl", "-1"], ["--http-session-ttl", "inf"]):
+        with pytest.raises(SystemExit) as info:
+            parse_config(argv, environ={})
+        assert info.value.code == 2, argv
 
 
 def test_without_aiohttp_the_flag_exits_1_naming_the_extra(tmp_path):
