@@ -400,7 +400,8 @@ def _query_args(request: web.Request) -> dict[str, Any] | web.Response:
         if len(values) > 1:
             return error_response(ErrorCode.BAD_REQUEST, f"query parameter {name!r} given {len(values)} times")
         value: Any = values[0]
-        if name in _INTS and value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20:  # int() takes any script's digits
+        # ASCII digits only: int() takes any script's digits, JSON does not
+        if name in _INTS and value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20:
             value = int(value)
         elif name in _BOOLS and value in _FLAGS:
             value = _FLAGS[value]
