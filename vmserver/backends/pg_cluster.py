@@ -97,8 +97,7 @@ class Lease:
         self.id = lease
         self.own.add(lease)
         self.valid_until = sent + self.ttl - self.renew_every
-        if self._read_servers(conn):  # a lost server's VMs (ours, before a crash?): released now
-            self._tell(self.store.reap)
+        self._read_servers(conn)
         log.info("database %s: server %s holds lease %d (ttl %gs)", self.store.label, self.server_id, lease, self.ttl)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -175,6 +174,8 @@ class Lease:
                     self._tell(self.on_held)
                 else:
                     self._renew()
+                if self.id is not None and self.expired_seen:  # a lost server's VMs: released now
+                    self._tell(self.store.reap)
                 next_try = time.monotonic() + self.renew_every
             except (psycopg.Error, StorageError) as exc:
                 reason = exc.message if isinstance(exc, StorageError) else self.store._reason(exc)
@@ -200,14 +201,12 @@ class Lease:
                 self._stop_acting("the lease expired before it could be renewed")
                 return
             self.valid_until = sent + self.ttl - self.renew_every
-            expired = self._read_servers(conn)
+            self._read_servers(conn)
         finally:
             timer.cancel()
-        if expired:
-            self._tell(self.store.reap)
 
-    def _read_servers(self, conn: psycopg.Connection) -> bool:
-        """Note the live servers; True if some lease has expired (to be reaped)."""
+    def _read_servers(self, conn: psycopg.Connection) -> None:
+        """Note the live servers, and whether some lease has expired (to be reaped)."""
         rows = conn.execute("SELECT lease, server_id, host, pid, started_at, expires_at > clock_timestamp() "
                             "FROM vmserver_servers ORDER BY lease").fetchall()
         self.servers = [{"server_id": server_id, "host": host, "pid": pid,
@@ -215,7 +214,6 @@ class Lease:
                         for _, server_id, host, pid, started, alive in rows if alive]
         self.others = any(alive and lease != self.id for lease, *_, alive in rows)
         self.expired_seen = any(not alive for *_, alive in rows)
-        return self.expired_seen
 
     def _stop_acting(self, why: str) -> None:
         if self.id is None:
@@ -316,7 +314,6 @@ class Sequencer:
         self._again = False
         self._retry_at = 0.0  # a read failed: none before this (monotonic), so an outage is no busy loop
         self._timer: asyncio.TimerHandle | None = None
-        self.gaps = 0  # rows missing from the feed (deleted by a prune we fell behind)
 
     def local(self, first: int, last: int, deliver: Callable[[], None]) -> None:
         """A batch of ours committed rows first..last (none: last < first)."""
@@ -344,7 +341,6 @@ class Sequencer:
             self._retry_at = time.monotonic() + RETRY
         if rows:
             if rows[0][0] > after + 1 and rows[0][0] > self.applied + 1:
-                self.gaps += rows[0][0] - self.applied - 1
                 log.error("change feed: rows %d..%d are gone (pruned before this server read them); events in "
                           "between were missed", self.applied + 1, rows[0][0] - 1)
                 self.applied = rows[0][0] - 1
