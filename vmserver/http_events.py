@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .http_api import HttpApi
 
 KEEPALIVE = 15.0  # seconds of silence after which a stream gets a comment line (tests lower it)
+_TICK = 1.0  # seconds between looks for streams whose client went away (and keepalives due)
 _GRACE = 2.0  # seconds a stream has, once ended by the server, to write its last event
 _WRITE_MAX = 256 * 1024  # bytes of events written to one stream at a time
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -258,11 +259,11 @@ class EventStreams:
 
     async def _tick(self) -> None:
         """One timer for all streams: a keepalive after KEEPALIVE seconds of silence; a stream
-        whose client went away while it waited for events is ended."""
-        period = KEEPALIVE
+        whose client went away while it waited for events is ended (aiohttp does not cancel it)."""
+        silence = KEEPALIVE
         while True:
-            await asyncio.sleep(period / 3)
-            due = time.monotonic() - period
+            await asyncio.sleep(min(_TICK, silence / 3))
+            due = time.monotonic() - silence
             for stream in list(self.streams):
                 if stream.gone():
                     stream.end(b"")
