@@ -22,7 +22,8 @@ import pytest
 
 from conftest import TIMEOUT, Wire, disk, vm_args
 from test_events import ALL_EVENTS, check_event, walk
-from test_http import client, code, get, http_server, post
+from test_cluster import nodes  # noqa: F401  (server processes on one PostgreSQL)
+from test_http import _http_port, client, code, get, http_server, post
 from vmserver import http_events
 from vmserver import server as server_module
 
@@ -400,3 +401,31 @@ async def test_a_stream_keeps_the_session_it_names_alive(db):
         assert not srv.http.sessions
         assert (await w.ok("get_vm", vm_id="ka-2"))["connected"] is False
         await w.close()
+
+
+# --- a cluster ------------------------------------------------------------------------------------
+
+
+async def test_cluster_events_from_another_server_and_the_stream_ends_with_the_lease(nodes, own_pg):  # noqa: F811
+    """A stream on server a hears what is done on server b (through the change feed); when a
+    loses its lease (PostgreSQL away), the stream gets the shutdown event and ends."""
+    dsn = own_pg.create_database("sse")
+    a, b = nodes(dsn, "--http-port", "0"), nodes(dsn)
+    base = f"http://127.0.0.1:{_http_port(a)}"
+    async with client() as http, stream(http, f"{base}/events?event=vm_added,vm_connected") as r:
+        wb = await b.wire()
+        await wb.ok("connect_vm", **vm_args("cs-1"))
+        got = await events(r.content.readline, 2)
+        assert brief(got) == [("vm_added", "cs-1"), ("vm_connected", "cs-1")]
+        assert got[1]["data"]["connected"] is True
+        await wb.close()
+        b.server.kill()
+        await asyncio.to_thread(own_pg.stop)
+        try:
+            rest = await events(r.content.readline, lambda m: m["event"] == "shutdown", most=10)
+            assert brief(rest) == [("shutdown", None)]
+            assert await asyncio.wait_for(r.content.read(), TIMEOUT) == b""
+            status, body, _ = await get(http, f"{base}/events")  # no new stream while it holds no lease
+            assert status == 503 and code(body) == "unavailable"
+        finally:
+            await asyncio.to_thread(own_pg.start)
