@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -149,7 +150,8 @@ class EventStreams:
             result = run(self.api.context, stream, "subscribe", args)  # validates; calls stream.subscribe
         except Exception as exc:
             error = failure("subscribe", exc)
-            return error_response(error.code, error.message)
+            message = error.message  # the query parameter is event=, the command's argument events
+            return error_response(error.code, "event" + message[6:] if message.startswith("events") else message)
         assert type(result) is bytes and stream.choice is not None
         if self._closing:
             return error_response(ErrorCode.UNAVAILABLE, "the server is shutting down")
@@ -230,13 +232,13 @@ class EventStreams:
 
     # --- events -------------------------------------------------------------------------
 
-    def _publish(self, event: str, vm_id: str, data: object) -> None:
+    def _publish(self, event: str, vm_id: str, data: Callable[[], bytes]) -> None:
         """An inventory change (here or, in a cluster, on another server): framed once, appended
         to every channel that wants it; their streams are woken once per loop turn."""
         shared, own = self._by_event.get(event), self._by_vm.get(vm_id)
         if not shared and not own:
             return
-        message = frame(event, encode_event(event, data()))  # type: ignore[operator]
+        message = frame(event, encode_event(event, data()))
         dirty = self._dirty
         for channel in shared or ():
             channel.append(message)
