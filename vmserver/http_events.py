@@ -59,6 +59,8 @@ class _Channel(Channel):
             if done > self.first:
                 del self.lines[:done - self.first]
                 self.first = done
+        if self.joined[1] <= self.first:
+            self.joined = (-1, -1, b"")  # every stream is past it
 
 
 class Stream:
@@ -158,9 +160,9 @@ class EventStreams:
         session = self.api._session_of(request)  # a session named by the stream stays alive with it
         if session is not None:
             session.busy += 1
-        self._join(stream)
         response = web.StreamResponse(headers=_HEADERS)
         try:
+            self._join(stream)
             await response.prepare(request)
             await response.write(b": subscribed " + result + b"\n\n")
             await self._pump(stream, response)
