@@ -95,7 +95,7 @@ class HttpSession:
         self.busy = 0  # requests in flight: it does not expire under them
 
     def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
-        raise CommandError(ErrorCode.BAD_REQUEST, "live events are not served over HTTP yet")
+        raise CommandError(ErrorCode.BAD_REQUEST, "over HTTP, live events are GET /events (docs/http.md)")
 
     def unsubscribe(self) -> None:
         pass
@@ -126,6 +126,11 @@ class HttpApi:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_delete("/session", self._delete_session)
+        from .http_events import EventStreams  # (it imports this module)
+
+        self.events = EventStreams(self)
+        app.router.add_get("/events", self.events.handle, allow_head=False)
+        app.on_shutdown.append(self.events.close)  # streams end before aiohttp waits for its handlers
         self.app = app
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
@@ -179,6 +184,7 @@ class HttpApi:
         self.end_all("shutdown")
 
     def end_all(self, reason: str) -> None:
+        self.events.end_all()
         for session in list(self.sessions.values()):
             self._end(session, reason)
 
