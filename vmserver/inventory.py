@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from .backends.base import (AddVM, Authorize, Connect, Disconnect, DiskRow, HistoryRow, PruneHistory, RemoveVM, Store,
                             UpdateVM, VMRow)
 from .changes import AuthFailed, Change, PresenceChanged, VMAdded, VMRemoved, VMUpdated
-from .errors import CommandError, ErrorCode
+from .errors import CommandError, ErrorCode, StorageError
 from .feed import EventFeed
 from .listing import Blocks, Encoded, View, json_list
 from .presence import SERVER_ID, LocalPresence, Presence, SharedPresence
@@ -143,6 +143,7 @@ class Inventory:
         self._orphaned: dict[str, str] = {}
         self._holding: dict[str, Owner] = {}  # by key: the sessions that have connected a VM, until released
         self._closed = False  # close() has recorded what was pending
+        self.read_errors = 0  # reads of the history the store failed (GET /metrics)
         self._store_closed = False
         self._load()
         if self.shared:
@@ -830,13 +831,15 @@ class Inventory:
             return self._all_disks.json_array()
         return json_list([d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit)])
 
-    def stats_json(self) -> bytes:
+    def totals(self) -> dict[str, int]:
         """Counts and totals of the whole inventory, from one snapshot (summed block by block)."""
         vms, connected, authorized, ram, cpu = (sum(column) for column in zip(*self._vm_totals.each(), (0,) * 5))
         disks, disk_size = (sum(column) for column in zip(*self._disk_totals.each(), (0, 0)))
-        return dumps({"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
-                      "ram": ram, "cpu": cpu, "disk_size": disk_size, "server_id": SERVER_ID,
-                      "servers": self.store.servers})
+        return {"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
+                "ram": ram, "cpu": cpu, "disk_size": disk_size}
+
+    def stats_json(self) -> bytes:
+        return dumps({**self.totals(), "server_id": SERVER_ID, "servers": self.store.servers})
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:
@@ -849,7 +852,11 @@ class Inventory:
         tail = self._journal_tail
         if tail is not None and not tail.done():
             await asyncio.wait((tail,), timeout=JOURNAL_WAIT)
-        rows = await self.store.read_history(vm_id, event, since, before, limit)
+        try:
+            rows = await self.store.read_history(vm_id, event, since, before, limit)
+        except StorageError:
+            self.read_errors += 1  # for GET /metrics (failed writes: the store's writer counts them)
+            raise
         out = []
         for id, ts, vm_id, event, peer, reason, count in rows:
             entry: dict[str, Any] = {"id": id, "ts": ts, "vm_id": vm_id, "event": event, "peer": peer}
