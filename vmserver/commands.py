@@ -421,7 +421,7 @@ def execute(ctx: Context, session: Owner, request: Request, protocol: str = "lin
     except Exception as exc:
         return _error_reply(ctx, protocol, request, exc, began)
     if type(result) is bytes or type(result) is tuple:  # done at once (tuple: a large list, in pieces)
-        ctx.metrics.command(protocol, request.cmd, "ok", perf_counter() - began)
+        ctx.metrics.ok(protocol, request.cmd, perf_counter() - began)
         return encode_ok(request.id, result)  # type: ignore[arg-type]
     return _finish(ctx, protocol, request, result, began)  # type: ignore[arg-type]
 
@@ -431,7 +431,7 @@ async def _finish(ctx: Context, protocol: str, request: Request, pending: Awaita
         reply = encode_ok(request.id, await pending)
     except Exception as exc:
         return _error_reply(ctx, protocol, request, exc, began)
-    ctx.metrics.command(protocol, request.cmd, "ok", perf_counter() - began)
+    ctx.metrics.ok(protocol, request.cmd, perf_counter() - began)
     return reply
 
 

@@ -295,7 +295,7 @@ class HttpApi:
         finally:
             owner.busy -= 1
             owner.last_active = time.monotonic()
-        metrics.command("http", name, "ok", time.perf_counter() - began)
+        metrics.ok("http", name, time.perf_counter() - began)
         if opened:
             if self._closing or owner.ended:  # shut down meanwhile: what it holds is let go
                 self.server.inventory.release(owner, "shutdown")

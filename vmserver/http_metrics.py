@@ -74,6 +74,8 @@ class ServerCollector:
                                         labels=["protocol", "command"])
         for protocol, by_name in metrics.commands.items():
             for name, stats in sorted(by_name.items()):
+                if stats.ok:
+                    commands.add_metric([protocol, name, "ok"], stats.ok)
                 for code, count in sorted(stats.codes.items()):
                     commands.add_metric([protocol, name, code], count)
                 latency.add_metric([protocol, name], _buckets(stats.latency), stats.latency.sum)
