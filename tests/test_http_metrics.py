@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import os
+import platform
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,9 +24,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import vmserver.server as server_module
-from conftest import TIMEOUT, Wire, vm_args
+from conftest import TIMEOUT, Wire, query, vm_args
 from test_faults import sqlite_lock
 from test_http import client, code, get, http_server, post
+from vmserver import __version__
+from vmserver.console import ServerConsole
 from vmserver.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -120,9 +126,6 @@ async def test_commands_count_once_by_protocol_command_and_code(db):
 
 async def test_a_command_over_the_console_counts_as_console(tmp_path):
     """The server console runs commands through the same door (execute), labelled console."""
-    from vmserver.console import ServerConsole
-    import io
-
     async with http_server(str(tmp_path / "c.db")) as (srv, base), client() as http:
         out = io.StringIO()
         console = ServerConsole(srv.context, srv.inventory, stdin=io.StringIO(), stdout=out)
@@ -196,9 +199,6 @@ async def test_inventory_gauges_follow_the_commands_and_agree_with_stats(db):
 
 
 async def test_build_info_and_server_id(db):
-    from vmserver import __version__
-    import platform
-
     async with http_server(db) as (srv, base), client() as http:
         s = await scrape(http, base)
         stats = (await get(http, f"{base}/stats"))[1]
@@ -306,14 +306,11 @@ async def test_database_errors_on_postgresql_its_connections_killed(pg_sandbox, 
 
 async def _subscriber(port: int) -> Wire:
     """A subscribed session whose socket buffer is small and that stops reading at once."""
-    import socket
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    import json
     w = Wire(reader, writer, json.loads(await reader.readline()))
     await w.ok("subscribe")
     writer.transport.pause_reading()
@@ -322,8 +319,6 @@ async def _subscriber(port: int) -> Wire:
 
 @pytest.mark.sqlite_only  # the rule lives in server.py, whichever backend; SQLite makes the events faster
 async def test_dropped_events_and_subscribers(db, monkeypatch):
-    import json
-
     monkeypatch.setattr(server_module, "EVENT_QUEUE_MAX", 200)  # dropping starts sooner; the rule is the same
     async with http_server(db) as (srv, base), client() as http:
         port = srv.address[1]
@@ -409,8 +404,6 @@ async def test_lease_gauges(db):
 async def test_a_lost_lease_shows_as_zero_and_metrics_are_still_served(pg_dsn):
     """Its lease expired behind its back (as after a pause): the server serves no command until it
     holds a new one (503), but /metrics still answers, lease_held 0, then 1 again."""
-    from conftest import query
-
     async with http_server(pg_dsn, lease_ttl=6.0) as (srv, base), client() as http:
         lease = srv.inventory.store.lease.id  # type: ignore[attr-defined]
         query(pg_dsn, "UPDATE vmserver_servers SET expires_at = clock_timestamp() - interval '1 second' "
