@@ -35,8 +35,8 @@ async def serve(config: Config) -> int:
             import aiohttp  # noqa: F401
             import prometheus_client  # noqa: F401  (GET /metrics)
         except ImportError as exc:
-            log.error("cannot start: --http-port needs aiohttp and prometheus-client (%s): pip install 'vmserver[http]'",
-                      exc)
+            log.error("cannot start: --http-port needs aiohttp and prometheus-client (%s): "
+                      "pip install 'vmserver[http]'", exc)
             return 1
     limits.raise_fd_limit()  # each session is a descriptor; the server sizes its cap from this
     try:
