@@ -213,7 +213,8 @@ async def test_build_info_and_server_id(db):
 
 
 async def test_writes_per_commit(db):
-    async with http_server(db) as (srv, base), client() as http:
+    """Only our writes (history_days=0: no pruning job at start lands among them)."""
+    async with http_server(db, history_days=0) as (srv, base), client() as http:
         wires = [await Wire.open(srv.address[1]) for _ in range(20)]
         try:
             _, count0, sum0 = histogram(await scrape(http, base), "vmserver_writes_per_commit")
@@ -239,7 +240,7 @@ def _errors(s: Samples, backend: str) -> tuple[float, float]:
 
 @pytest.mark.sqlite_only
 async def test_database_errors_on_sqlite_a_locked_file_and_a_table_gone(db):
-    async with http_server(db, busy_timeout_ms=100) as (srv, base), client() as http:
+    async with http_server(db, busy_timeout_ms=100, history_days=0) as (srv, base), client() as http:
         w = await Wire.open(srv.address[1])
         try:
             await w.ok("add_vm", **vm_args("e-0"))
@@ -275,7 +276,7 @@ async def test_database_errors_on_postgresql_its_connections_killed(pg_sandbox, 
     and so does every write until the store has reconnected: each is one database error."""
     from test_postgres_store import dbname, vms_locked, writer_waiting
 
-    async with http_server(pg_dsn) as (srv, base), client() as http:
+    async with http_server(pg_dsn, history_days=0) as (srv, base), client() as http:
         w = await Wire.open(srv.address[1])
         try:
             await w.ok("add_vm", **vm_args("k-0"))
