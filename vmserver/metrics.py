@@ -3,7 +3,7 @@
 They are kept on the event loop (commands, sessions, events) or by the writer thread alone
 (writes per commit: one writer, so no update is lost), and cost a dict look-up and a bisect
 per command: nothing of prometheus-client is on the hot path. The HTTP side
-(vmserver/prometheus.py) reads them at scrape time and turns them into metric families.
+(vmserver/http_metrics.py) reads them at scrape time and turns them into metric families.
 """
 
 from __future__ import annotations
