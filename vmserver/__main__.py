@@ -33,8 +33,10 @@ async def serve(config: Config) -> int:
     if config.http_port is not None:
         try:
             import aiohttp  # noqa: F401
-        except ImportError:
-            log.error("cannot start: --http-port needs aiohttp: pip install 'vmserver[http]'")
+            import prometheus_client  # noqa: F401  (GET /metrics)
+        except ImportError as exc:
+            log.error("cannot start: --http-port needs aiohttp and prometheus-client (%s): "
+                      "pip install 'vmserver[http]'", exc)
             return 1
     limits.raise_fd_limit()  # each session is a descriptor; the server sizes its cap from this
     try:

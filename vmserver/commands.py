@@ -15,6 +15,7 @@ import hmac
 import logging
 import math
 import time
+from time import perf_counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -23,6 +24,7 @@ from . import validation as v
 from .config import Config
 from .errors import CommandError, ErrorCode, StorageError
 from .inventory import Inventory, Owner
+from .metrics import Metrics
 from .records import VM
 from .passwords import AttemptLimiter, hash_password, verify_password
 from .protocol import Request, dumps, encode_error, encode_ok
@@ -41,6 +43,7 @@ class Context:
         self.attempts = AttemptLimiter(config.auth_failures_allowed)
         # Set by the server: its sessions by protocol and its connections, for stats.
         self.sessions: Callable[[], dict[str, Any]] | None = None
+        self.metrics = Metrics()  # commands and sessions counted, for GET /metrics
         # With several servers, failures made through the others count here too.
         inventory.on_auth_failed_elsewhere = lambda vm_id, n: self.attempts.elsewhere(vm_id, n, time.monotonic())
 
@@ -407,37 +410,45 @@ def failure(name: str, exc: Exception) -> CommandError:
 Reply = Union[bytes, tuple[bytes, ...]]
 
 
-def execute(ctx: Context, session: Owner, request: Request) -> Reply | Awaitable[Reply]:
+def execute(ctx: Context, session: Owner, request: Request, protocol: str = "line") -> Reply | Awaitable[Reply]:
     """Run one request: its reply line (in pieces when large: see encode_ok), or, for a command
-    with slow work, an awaitable of it. Never raises for anything the request did.
+    with slow work, an awaitable of it. Never raises for anything the request did. Counted
+    (ctx.metrics) once it is done, under ``protocol`` ("line", or "console").
 
     Not a coroutine itself, so the common, quick commands cost no coroutine at all.
     """
+    began = perf_counter()
     try:
         result = run(ctx, session, request.cmd, request.args)
     except Exception as exc:
-        return _error_reply(request, exc)
+        return _error_reply(ctx, protocol, request, exc, began)
     if type(result) is bytes or type(result) is tuple:  # done at once (tuple: a large list, in pieces)
+        ctx.metrics.ok(protocol, request.cmd, perf_counter() - began)
         return encode_ok(request.id, result)  # type: ignore[arg-type]
-    return _finish(request, result)  # type: ignore[arg-type]
+    return _finish(ctx, protocol, request, result, began)  # type: ignore[arg-type]
 
 
-async def _finish(request: Request, pending: Awaitable[bytes]) -> Reply:
+async def _finish(ctx: Context, protocol: str, request: Request, pending: Awaitable[bytes], began: float) -> Reply:
     try:
-        return encode_ok(request.id, await pending)
+        reply = encode_ok(request.id, await pending)
     except Exception as exc:
-        return _error_reply(request, exc)
+        return _error_reply(ctx, protocol, request, exc, began)
+    ctx.metrics.ok(protocol, request.cmd, perf_counter() - began)
+    return reply
 
 
-def _error_reply(request: Request, exc: Exception) -> bytes:
+def _error_reply(ctx: Context, protocol: str, request: Request, exc: Exception, began: float) -> bytes:
     if isinstance(exc, InvalidArgs):
         message = exc.message
         hint = request.hints.get(exc.arg) if request.hints else None
         if hint:
             message = f"{message} ({exc.arg}: {hint})"
-        return encode_error(request.id, exc.code, message)
-    error = failure(request.cmd, exc)
-    return encode_error(request.id, error.code, error.message)
+        error: CommandError = exc
+    else:
+        error = failure(request.cmd, exc)
+        message = error.message
+    ctx.metrics.failed(protocol, request.cmd, error.code.value, perf_counter() - began)
+    return encode_error(request.id, error.code, message)
 
 
 def _unknown(name: str) -> str:

@@ -107,7 +107,7 @@ class ServerConsole:
             return
         if request is None:
             return
-        reply: Any = execute(self.context, self.session, request)
+        reply: Any = execute(self.context, self.session, request, "console")
         if type(reply) is not bytes and type(reply) is not tuple:
             reply = await reply
         message = json.loads(b"".join(reply) if type(reply) is tuple else reply)

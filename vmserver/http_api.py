@@ -131,6 +131,9 @@ class HttpApi:
         self.events = EventStreams(self)
         app.router.add_get("/events", self.events.handle, allow_head=False)
         app.on_shutdown.append(self.events.close)  # streams end before aiohttp waits for its handlers
+        from .http_metrics import MetricsRoute  # prometheus-client, like aiohttp, only with --http-port
+
+        app.router.add_get("/metrics", MetricsRoute(server).handle)
         self.app = app
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
@@ -210,7 +213,8 @@ class HttpApi:
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """The token, the lease, and our error body for aiohttp's own refusals (404, 405, 413)."""
-        if self.server.unavailable is not None and request.path not in _OPEN_PATHS:  # /ready says why itself
+        # (/ready says why itself; /metrics shows it: lease_held 0)
+        if self.server.unavailable is not None and request.path not in _OPEN_PATHS and request.path != "/metrics":
             return error_response(ErrorCode.UNAVAILABLE, "this server lost touch with its database "
                                   f"({self.server.unavailable}); try another server, or again shortly")
         try:
@@ -302,12 +306,14 @@ class HttpApi:
         opened = session is None and name == "connect_vm"
         owner = session or HttpSession(self._name(request))  # without one: a session for this request
         owner.busy += 1
+        metrics, began = self.context.metrics, time.perf_counter()
         try:
             result = run(self.context, owner, name, args)
             if type(result) is not bytes and type(result) is not tuple:
                 result = await result  # type: ignore[misc]
         except Exception as exc:
             error = failure(name, exc)
+            metrics.failed("http", name, error.code.value, time.perf_counter() - began)
             if opened:
                 self.server.inventory.release(owner)  # a refused connect leaves nothing bound to it
             headers = {"Retry-After": str(error.retry_after)} if isinstance(error, SlowDown) else None
@@ -316,11 +322,13 @@ class HttpApi:
         finally:
             owner.busy -= 1
             owner.last_active = time.monotonic()
+        metrics.ok("http", name, time.perf_counter() - began)
         if opened:
             if self._closing or owner.ended:  # shut down meanwhile: what it holds is let go
                 self.server.inventory.release(owner, "shutdown")
             else:
                 self.sessions[owner.id] = owner
+                metrics.sessions_opened["http"] += 1
                 session = owner
                 log.info("HTTP session %s opened", owner.name)
         if name in CONFIRMATIONS and "application/json" not in request.headers.get("Accept", ""):

@@ -214,12 +214,17 @@ class EventStreams:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
+    def behind(self) -> tuple[int, int]:
+        """(streams open, events they lost and have not been told of yet), for GET /metrics."""
+        return len(self.streams), sum(max(0, s.channel.oldest - s.cursor) for s in self.streams if s.channel)
+
     def _leave(self, stream: Stream) -> None:
         self.streams.discard(stream)
         stream.ended = True
         channel, stream.channel = stream.channel, None
         if channel is None:
             return
+        self.dropped += max(0, channel.oldest - stream.cursor) + stream.dropped  # lost all the same
         channel.members.discard(stream)  # type: ignore[arg-type]
         if channel.members:
             return

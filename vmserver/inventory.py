@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from .backends.base import (AddVM, Authorize, Connect, Disconnect, DiskRow, HistoryRow, PruneHistory, RemoveVM, Store,
                             UpdateVM, VMRow)
 from .changes import AuthFailed, Change, PresenceChanged, VMAdded, VMRemoved, VMUpdated
-from .errors import CommandError, ErrorCode
+from .errors import CommandError, ErrorCode, StorageError
 from .feed import EventFeed
 from .listing import Blocks, Encoded, View, json_list
 from .presence import SERVER_ID, LocalPresence, Presence, SharedPresence
@@ -143,6 +143,7 @@ class Inventory:
         self._orphaned: dict[str, str] = {}
         self._holding: dict[str, Owner] = {}  # by key: the sessions that have connected a VM, until released
         self._closed = False  # close() has recorded what was pending
+        self.read_errors = 0  # reads of the history the store failed (GET /metrics)
         self._store_closed = False
         self._load()
         if self.shared:
@@ -830,14 +831,17 @@ class Inventory:
             return self._all_disks.json_array()
         return json_list([d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit)])
 
-    def stats_json(self, server: dict[str, Any] | None = None) -> bytes:
-        """Counts and totals of the whole inventory, from one snapshot (summed block by block),
-        and ``server``'s entries (the answering server's own sessions and connections)."""
+    def totals(self) -> dict[str, int]:
+        """Counts and totals of the whole inventory, from one snapshot (summed block by block)."""
         vms, connected, authorized, ram, cpu = (sum(column) for column in zip(*self._vm_totals.each(), (0,) * 5))
         disks, disk_size = (sum(column) for column in zip(*self._disk_totals.each(), (0, 0)))
-        return dumps({"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
-                      "ram": ram, "cpu": cpu, "disk_size": disk_size, "server_id": SERVER_ID,
-                      "servers": self.store.servers, **(server or {})})
+        return {"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
+                "ram": ram, "cpu": cpu, "disk_size": disk_size}
+
+    def stats_json(self, server: dict[str, Any] | None = None) -> bytes:
+        """totals(), who answers and the servers alive, and ``server``'s entries (the answering
+        server's own sessions and connections)."""
+        return dumps({**self.totals(), "server_id": SERVER_ID, "servers": self.store.servers, **(server or {})})
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:
@@ -850,7 +854,11 @@ class Inventory:
         tail = self._journal_tail
         if tail is not None and not tail.done():
             await asyncio.wait((tail,), timeout=JOURNAL_WAIT)
-        rows = await self.store.read_history(vm_id, event, since, before, limit)
+        try:
+            rows = await self.store.read_history(vm_id, event, since, before, limit)
+        except StorageError:
+            self.read_errors += 1  # for GET /metrics (failed writes: the store's writer counts them)
+            raise
         out = []
         for id, ts, vm_id, event, peer, reason, count in rows:
             entry: dict[str, Any] = {"id": id, "ts": ts, "vm_id": vm_id, "event": event, "peer": peer}

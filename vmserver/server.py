@@ -335,6 +335,8 @@ class Server:
         """Replace what ``session`` hears (None: nothing); lines not yet written for the old choice are dropped."""
         old = session.subscription
         if old is not None:
+            # what it had lost and was not yet told of is lost all the same (for GET /metrics)
+            self.context.metrics.events_dropped += max(0, old.channel.oldest - old.cursor)
             old.channel.members.discard(session)
             if old.vm_id is not None:
                 watchers = self._by_vm.get(old.vm_id)
@@ -425,6 +427,7 @@ class Server:
         oldest = channel.oldest
         if sub.cursor < oldest:
             sub.dropped += oldest - sub.cursor
+            self.context.metrics.events_dropped += oldest - sub.cursor
             sub.cursor = oldest
         key = (channel, sub.cursor)
         found = joined.get(key) if joined is not None else None
@@ -533,6 +536,7 @@ class Server:
         session = Session(name, asyncio.current_task(), authenticated=self.config.token is None,
                           server=self, writer=writer)
         self.sessions.add(session)
+        self.context.metrics.sessions_opened["line"] += 1
         log.debug("session %s opened", name)
         reason = "closed by peer"
         clock = time.perf_counter

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StorageError
+from ..metrics import BATCH_BUCKETS, Histogram
 from .base import Changes, Job, Outcome, Write
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class GroupCommitter:
         self._wake_pending = False
         self.batches = 0  # transactions committed, for tests and benchmarks
         self.writes = 0
+        # For GET /metrics, kept by the writer thread alone (read on the loop as plain numbers).
+        self.batch_sizes = Histogram(BATCH_BUCKETS)  # writes per transaction
+        self.failed = 0  # writes the database failed (StorageError: nothing was written)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -129,6 +133,8 @@ class GroupCommitter:
                 outcomes = [(None, failure) for _ in batch]
             self.batches += 1
             self.writes += len(batch)
+            self.batch_sizes.observe(len(batch))
+            self.failed += sum(isinstance(error, StorageError) for _, error in outcomes)
             self._done.append((batch, outcomes))
             with self._wake_lock:
                 if self._wake_pending:
