@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 COOKIE = "vmsession"
 HEADER = "X-VM-Session"
-_OPEN_PATHS = frozenset(("/health", "/ready"))  # answered without the token: probes carry none
+# answered without the token: probes carry none, and the API's description tells no more than the
+# line protocol's greeting does before auth
+_OPEN_PATHS = frozenset(("/health", "/ready", "/openapi.json"))
 
 # SEED.md's writes and their text/plain confirmations (the JSON record with Accept: application/json).
 CONFIRMATIONS = {
@@ -114,6 +116,7 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._openapi_json: bytes | None = None
         app = web.Application(middlewares=[self._guard], client_max_size=self.config.max_line)
         for name in CONFIRMATIONS:
             app.router.add_post(f"/{name}", self._write(name))
@@ -124,6 +127,7 @@ class HttpApi:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_delete("/session", self._delete_session)
+        app.router.add_get("/openapi.json", self._openapi)
         self.app = app
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
@@ -318,6 +322,13 @@ class HttpApi:
             if opened:
                 response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", path="/")
         return response
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        if self._openapi_json is None:  # built on first use: most servers are never asked
+            from .openapi import document
+
+            self._openapi_json = dumps(document(self.context.token is not None))
+        return web.Response(body=self._openapi_json, content_type="application/json")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
