@@ -412,7 +412,8 @@ def _query_args(request: web.Request) -> dict[str, Any] | web.Response:
             return error_response(ErrorCode.BAD_REQUEST, f"query parameter {name!r} given {len(values)} times")
         value: Any = values[0]
         # ASCII digits only: int() takes any script's digits, JSON does not
-        if name in _INTS and value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20:
+        # (one minus sign at most: "--5" passed lstrip("-") and int() raised)
+        if name in _INTS and value.isascii() and value.removeprefix("-").isdigit() and len(value) <= 20:
             value = int(value)
         elif name in _BOOLS and value in _FLAGS:
             value = _FLAGS[value]
