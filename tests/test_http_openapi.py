@@ -279,3 +279,90 @@ def test_schemathesis_with_a_token(case, token_server):
         assert sent == f"Bearer {TOKEN}"  # valid cases carry the token: not every reply a 401
     if sent == f"Bearer {TOKEN}":
         assert response.status_code != 401, response.text
+
+
+def _flow(schema: Any, base: str, token: str | None, tag: str) -> set[tuple[str, str, int]]:
+    """A fleet client's whole flow, and its refusals, each reply checked against the document by
+    schemathesis (generated cases rarely get past the first refusal: none holds a session).
+    Returns (method, path, status) of every reply."""
+    import requests
+
+    seen: set[tuple[str, str, int]] = set()
+    http = requests.Session()  # keeps the session cookie, as a fleet client does
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def call(method: str, path: str, expect: int, json_reply: bool = False, **kwargs: Any) -> Any:
+        headers = {**auth, **kwargs.pop("headers", {})}
+        if json_reply:
+            headers["Accept"] = "application/json"
+        case = schema[path][method].Case(**kwargs)
+        response = case.call_and_validate(base_url=base, session=http, headers=headers, timeout=TIMEOUT)
+        assert response.status_code == expect, (method, path, response.status_code, response.text)
+        seen.add((method, path, expect))
+        return response
+
+    vm, other, pw = f"{tag}-vm", f"{tag}-other", "flow-password"
+    spec = {"ram": 2048, "cpu": 2, "disks": [{"disk_id": f"{tag}-d1", "size": 500}]}
+    assert call("POST", "/add_vm", 200, body={"vm_id": vm, **spec, "password": pw}).text == "ВМ добавлена"
+    call("POST", "/add_vm", 409, body={"vm_id": vm, **spec})
+    call("POST", "/add_vm", 409, body={"vm_id": other, **spec})  # the disk is vm's
+    call("POST", "/add_vm", 415, body="{}", media_type="text/plain")
+    call("POST", "/add_vm", 413, body={"vm_id": other, "pad": "x" * (1024 * 1024)})
+    call("POST", "/add_vm", 400, body={"vm_id": other})
+    call("GET", "/get_vm", 200, query={"vm_id": vm})
+    call("GET", "/get_vm", 404, query={"vm_id": other})
+    call("POST", "/authorize_vm", 403, body={"vm_id": vm})  # not connected
+    call("POST", "/connect_vm", 403, body={"vm_id": vm, "password": "wrong"})
+    connected = call("POST", "/connect_vm", 200, json_reply=True, body={"vm_id": vm, "password": pw})
+    assert connected.json()["connected"] is True and connected.headers["x-vm-session"][0]
+    assert "vmsession" in http.cookies
+    call("POST", "/authorize_vm", 200, body={"vm_id": vm, "password": pw})
+    updated = call("POST", "/update_vm", 200, json_reply=True, body={"vm_id": vm, "ram": 4096})
+    assert updated.json()["ram"] == 4096 and updated.json()["authorized"] is True
+    call("GET", "/get_all_vms", 200, query={"connected": "true", "authorized": "true", "prefix": tag, "limit": 10})
+    for path in ("/get_connected_vms", "/get_authorized_vms", "/get_all_disks"):
+        call("GET", path, 200, query={"after": 0, "limit": 100})
+    call("GET", "/stats", 200)
+    history = call("GET", "/get_history", 200, query={"vm_id": vm, "limit": 50}).json()
+    assert {"vm_added", "auth_failed", "vm_connected", "vm_authorized", "vm_updated"} <= {r["event"] for r in history}
+    call("POST", "/remove_vm", 409, body={"vm_id": vm, "password": pw})  # connected
+    call("POST", "/deauthorize_vm", 200, body={"vm_id": vm})
+    call("POST", "/update_vm", 403, body={"vm_id": vm, "cpu": 4})  # not authorized now
+    call("POST", "/disconnect_vm", 200, body={"vm_id": vm})
+    call("POST", "/disconnect_vm", 403, body={"vm_id": vm})
+    call("POST", "/connect_vm", 200, body={"vm_id": vm, "password": pw})
+    assert call("DELETE", "/session", 200).json() == {"released": [vm]}
+    call("DELETE", "/session", 404)
+    # password guessing slowed down: 429 with Retry-After, until the lock ends (then wrong: 403)
+    for _ in range(5):
+        call("POST", "/remove_vm", 403, body={"vm_id": vm, "password": "wrong"})
+    assert int(call("POST", "/remove_vm", 429, body={"vm_id": vm, "password": "wrong"}).headers["retry-after"][0]) >= 1
+    deadline = time.monotonic() + TIMEOUT
+    while (removed := call_until(call, deadline, body={"vm_id": vm, "password": pw})) is None:
+        time.sleep(0.2)
+    assert removed.json()["vm_id"] == vm
+    call("GET", "/get_vm", 404, query={"vm_id": vm})
+    call("GET", "/health", 200)
+    call("GET", "/ready", 200)
+    assert call("GET", "/openapi.json", 200).json()["openapi"] == openapi.OPENAPI
+    return seen
+
+
+def call_until(call: Any, deadline: float, **kwargs: Any) -> Any:
+    """remove_vm once the slowdown is over: None while it is 429."""
+    assert time.monotonic() < deadline, "the password slowdown did not end"
+    try:
+        return call("POST", "/remove_vm", 200, **kwargs)
+    except AssertionError as exc:
+        if "429" not in str(exc):
+            raise
+        return None
+
+
+@pytest.mark.parametrize("token", (None, TOKEN), ids=("no-token", "token"))
+def test_the_whole_flow_replies_as_documented(token, request):
+    base = request.getfixturevalue("token_server" if token else "open_server")
+    schema = with_token if token else without_token
+    seen = _flow(schema, base, token, "flow" if token is None else "flowt")
+    documented = openapi.paths_of(openapi.document(token is not None)) - ELSEWHERE
+    assert {(method, path) for method, path, status in seen if status == 200} == documented
