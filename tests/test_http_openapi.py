@@ -41,8 +41,8 @@ OPEN = ("/health", "/ready", "/openapi.json")  # answered without the token
 
 
 @pytest.mark.parametrize("token", (None, TOKEN))
-async def test_every_route_of_the_app_is_in_the_document_and_back(tmp_path, token):
-    async with http_server(str(tmp_path / "v.db"), token=token) as (srv, base), client() as http:
+async def test_every_route_of_the_app_is_in_the_document_and_back(db, token):
+    async with http_server(db, token=token) as (srv, base), client() as http:
         status, doc, headers = await get(http, f"{base}/openapi.json")  # without the token: it is open
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         served = {(r.method, r.resource.canonical) for r in srv.http.app.router.routes() if r.method != "HEAD"}
@@ -162,6 +162,21 @@ def test_string_patterns_are_the_validators(check, data):
             assert pattern.search(text), text
     else:
         assert bool(pattern.search(text)) == _accepts(check, text), text
+
+
+def test_query_parameters_are_read_as_their_schemas_type():
+    """http_api reads a query parameter as a number or a yes/no by its name (_INTS, _BOOLS): each
+    integer or boolean argument of a GET is there, and nothing else (else it could never be given)."""
+    from vmserver import http_api
+
+    doc = openapi.document(False)
+    params = [p for item in doc["paths"].values() if "get" in item for p in item["get"].get("parameters", [])
+              if p.get("in") == "query"]
+    assert params
+    for param in params:
+        kind = param["schema"]["type"]
+        assert (kind == "integer") == (param["name"] in http_api._INTS), param
+        assert (kind == "boolean") == (param["name"] in http_api._BOOLS), param
 
 
 @pytest.mark.parametrize("token", (False, True))
