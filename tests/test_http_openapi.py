@@ -22,9 +22,9 @@ from typing import Any
 import hypothesis
 import pytest
 import schemathesis
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.generation.meta import TestPhase
-from hypothesis import strategies as st
 
 from conftest import TIMEOUT
 from test_http import client, get, http_server

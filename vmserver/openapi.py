@@ -14,6 +14,7 @@ handle best, and nothing here needs 3.1 (the one nullable field is ``nullable: t
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 from . import __version__
@@ -207,10 +208,11 @@ class _Doc:
                                                    "description": "seconds"}}
         return response
 
-    def refusals(self, codes: frozenset[ErrorCode], extra: dict[int, tuple[frozenset[ErrorCode], str]],
-                 guarded: bool = True) -> dict[str, Any]:
+    def refusals(self, codes: frozenset[ErrorCode],
+                 extra: dict[int, tuple[frozenset[ErrorCode], str]]) -> dict[str, Any]:
         """The error responses of a route: ``codes`` by their status in http_api.STATUS, plus
-        ``extra`` (statuses of the framing: 413, 415, 429), plus the token's 401."""
+        ``extra`` (statuses of the framing: 413, 415, 429; or a description of its own), plus the
+        token's 401."""
         by_status: dict[int, set[ErrorCode]] = {}
         for code in codes:
             by_status.setdefault(self.h.STATUS[code], set()).add(code)
@@ -218,7 +220,7 @@ class _Doc:
                for status, found in sorted(by_status.items())}
         for status, (found, text) in extra.items():
             out[str(status)] = self.error(status, found, text)
-        if guarded and self.token:
+        if self.token:
             out["401"] = self.error(401, frozenset((E.UNAUTHENTICATED, E.AUTH_FAILED)),
                                     "no token (unauthenticated) or a wrong one (auth_failed, answered after 0.5 s)")
         return dict(sorted(out.items()))
@@ -286,7 +288,8 @@ class _Doc:
         if name == "connect_vm":
             reply["headers"] = {**headers, "Set-Cookie": {
                 "schema": {"type": "string"},
-                "description": f"{self.h.COOKIE}=ID; HttpOnly; Path=/; SameSite=Strict, when this request opened a session"}}
+                "description": f"{self.h.COOKIE}=ID; HttpOnly; Path=/; SameSite=Strict, when this request "
+                               "opened a session"}}
         return reply
 
     def others(self) -> dict[str, dict[str, Any]]:
@@ -315,7 +318,8 @@ class _Doc:
                            "then the reply comes and the cookie is cleared.",
                 "parameters": self.session_params(),
                 "responses": {"200": _json("the VMs it held", _ref("Released")),
-                              **self.refusals(frozenset((E.NOT_FOUND, E.UNAVAILABLE)), {})}}},
+                              **self.refusals(frozenset((E.UNAVAILABLE,)), {404: (
+                                  frozenset((E.NOT_FOUND,)), "no live session: none named, or it ended")})}}},
             "/events": {"get": {
                 "operationId": "events", "tags": ["events"],
                 "summary": "Live events as Server-Sent Events (the line protocol's events: protocol.md), "
@@ -388,7 +392,7 @@ _STATUS_TEXT = {
 
 def document(token: bool) -> dict[str, Any]:
     """The OpenAPI document of the HTTP API, for a server with (``token``) or without a token."""
-    return _Doc(token).build()
+    return copy.deepcopy(_Doc(token).build())  # the shared schemas stay as they are
 
 
 def paths_of(doc: dict[str, Any]) -> set[tuple[str, str]]:
