@@ -306,3 +306,87 @@ def test_help_describes_the_cap_and_the_reserve():
     out = " ".join(r.stdout.decode().split())  # argparse wraps its lines
     assert "--max-connections" in out and "--local-reserve" in out
     assert "open-file limit" in out, "the default cap follows from the descriptor limit"
+
+
+# --- the HTTP port shares the cap -------------------------------------------------------------
+
+
+def http_burst(port: int, count: int, timeout: float = 20.0) -> tuple[int, list[bytes], list[str], int]:
+    """``count`` HTTP connections at once, each sending GET /health: (answered 200, the whole
+    replies of the refused (503 then EOF), anything else, hung)."""
+    request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, bytearray] = {}
+    ok, refused, wrong = 0, [], []
+    kept: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.setblocking(False)
+            if s.connect_ex((HOST, port)) not in (0, errno.EINPROGRESS):
+                s.close()
+                wrong.append("connect failed")
+                continue
+            sel.register(s, selectors.EVENT_WRITE)
+            pending[s] = bytearray()
+        deadline = time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for key, events in sel.select(min(left, 0.5)):
+                s = key.fileobj  # type: ignore[assignment]
+                if events & selectors.EVENT_WRITE:
+                    try:
+                        s.send(request)
+                    except OSError:
+                        pass  # refused before we wrote: its reply is read below
+                    sel.modify(s, selectors.EVENT_READ)
+                    continue
+                buf = pending[s]
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    chunk, buf[:] = b"", buf if buf else f"{exc!r}".encode()
+                buf += chunk
+                if buf.startswith(b"HTTP/1.1 200") and buf.endswith(b"OK"):
+                    ok += 1
+                    kept.append(s)  # held open: it keeps its seat
+                elif chunk:
+                    continue
+                elif buf.startswith(b"HTTP/1.1 503"):
+                    refused.append(bytes(buf))
+                    s.close()
+                else:
+                    wrong.append(bytes(buf[:200]).decode(errors="replace"))
+                    s.close()
+                sel.unregister(s)
+                del pending[s]
+        return ok, refused, wrong, len(pending)
+    finally:
+        for s in [*pending, *kept]:
+            s.close()
+        sel.close()
+
+
+def test_http_connections_share_the_cap_under_a_small_descriptor_limit(limited):
+    """RLIMIT_NOFILE 256, --http-port, 400 HTTP connections at once: each is answered 200 or
+    refused with one 503 reply (our error body) then EOF; none hangs; the server serves after."""
+    srv = limited("--http-port", "0", nofile=(256, 256))
+    srv.wait_listening()
+    deadline = time.monotonic() + 20
+    while (found := re.search(rb"HTTP API on http://127\.0\.0\.1:(\d+)", srv.log)) is None:
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log.decode(errors="replace")
+        time.sleep(0.02)
+    port = int(found.group(1))
+    ok, refused, wrong, hung = http_burst(port, 400)
+    assert hung == 0 and not wrong, (hung, wrong[:3])
+    from vmserver import limits
+
+    cap = 256 - limits.FD_RESERVE - Config().local_reserve
+    assert ok == cap + Config().local_reserve and ok + len(refused) == 400
+    assert all(b'"code":"unavailable"' in r and b"Connection: close" in r for r in refused), refused[:1]
+    with socket.create_connection((HOST, port), timeout=ANSWER_WITHIN) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert until_eof(s).startswith(b"HTTP/1.1 200")
+    assert srv.stop() == 0
+    assert b"out of system resource" not in srv.log

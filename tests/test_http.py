@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 
 from conftest import TIMEOUT, Wire, running, vm_args
-from test_cluster import nodes  # noqa: F401  (server processes on one PostgreSQL)
+from test_cluster import nodes, until  # noqa: F401  (nodes: server processes on one PostgreSQL)
 from test_security import cert  # noqa: F401  (the self-signed certificate fixture)
 from vmserver.server import Server
 
@@ -468,6 +468,70 @@ async def test_tcp_and_http_sessions_exclude_each_other(db):
         await w.close()
 
 
+# --- the cap on connections, and stats -------------------------------------------------------------
+
+
+async def _http_keepalive(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A raw HTTP/1.1 connection that asked GET /health and stays open: (reader, writer, reply head)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+    return reader, writer, head
+
+
+async def test_http_connections_count_against_max_connections(db):
+    """One cap for both doors: line sessions and HTTP connections together. Over it, HTTP is
+    answered 503 (our error body, Connection: close) before its request is read, and the line
+    protocol's refusal counts the HTTP connections too."""
+    async with http_server(db, max_connections=2, local_reserve=0) as (srv, base):
+        http_port = srv.http.address[1]
+        w = await Wire.open(srv.address[1])
+        r1, w1, head = await _http_keepalive(http_port)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert (await w.ok("stats"))["connections"] == {"open": 2, "limit": 2}
+        # a third: refused on both doors, the open ones untouched
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", http_port), TIMEOUT)
+        refused = await asyncio.wait_for(reader.read(), TIMEOUT)  # the whole reply, then EOF
+        writer.close()
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"Connection: close" in head and b"Retry-After: 1" in head
+        assert code(json.loads(body)) == "unavailable" and b"limit 2" in body
+        late = await Wire.open(srv.address[1])
+        assert late.greeting["ok"] is False and late.greeting["error"]["code"] == "unavailable"
+        await late.close()
+        assert await w.ok("health") == "OK"
+        w1.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # the kept connection still serves
+        assert (await asyncio.wait_for(r1.readuntil(b"\r\n\r\n"), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        # the HTTP connection goes: its seat is free for a line session
+        w1.close()
+
+        async def line_admitted() -> bool:
+            again = await Wire.open(srv.address[1])
+            admitted = "hello" in again.greeting
+            await again.close()
+            return admitted
+
+        await until(line_admitted, "a line session is admitted once the HTTP connection closed")
+        await w.close()
+
+
+async def test_stats_counts_sessions_by_protocol_and_connections(db):
+    async with http_server(db) as (srv, base), client() as http:
+        w = await Wire.open(srv.address[1])
+        stats = await w.ok("stats")
+        assert stats["sessions"] == {"line": 1, "http": 0}
+        assert stats["connections"]["open"] == 1 and stats["connections"]["limit"] == srv.max_sessions
+        assert (await post(http, f"{base}/connect_vm", vm_args("st-1")))[0] == 200  # opens an HTTP session
+        status, stats, _ = await get(http, f"{base}/stats")
+        assert status == 200 and stats["sessions"] == {"line": 1, "http": 1}
+        assert stats["connections"]["open"] == 2  # the line session and this client's keep-alive connection
+        assert (await http.delete(f"{base}/session")).status == 200
+        assert (await w.ok("stats"))["sessions"] == {"line": 1, "http": 0}
+        await w.close()
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 
@@ -540,7 +604,7 @@ async def test_cluster_presence_across_protocols_and_the_lease_lost(nodes, own_p
     """HTTP on server a and TCP on server b exclude each other on one VM; when PostgreSQL stays
     away past the lease, a refuses HTTP (503) and is not ready, its HTTP session is gone, and b
     releases its VMs (server_lost); once PostgreSQL is back, a is ready again."""
-    from test_cluster import TTL, until
+    from test_cluster import TTL
 
     dsn = own_pg.create_database("http")
     a, b = nodes(dsn, "--http-port", "0"), nodes(dsn)

@@ -26,9 +26,10 @@ async def test_get_vm(wire):
 
 
 def counts(stats: dict[str, Any]) -> dict[str, Any]:
-    """stats without who answered (the server and the servers alive)."""
+    """stats without who answered (the server, the servers alive, its sessions and connections)."""
     assert stats.pop("server_id") == SERVER_ID
     assert SERVER_ID in [s["server_id"] for s in stats.pop("servers")]
+    assert stats.pop("sessions")["line"] >= 1 and stats.pop("connections")["open"] >= 1
     return stats
 
 

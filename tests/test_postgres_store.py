@@ -636,6 +636,30 @@ async def test_a_store_cut_off_past_its_lease_gives_up_then_rejoins(pg_sandbox: 
                                             db=dbname(pg_dsn)).split() == ["0"])  # reaped at a renewal
 
 
+async def test_a_write_queued_before_the_loop_heard_of_a_new_lease_is_not_fenced_by_it(
+        pg_sandbox: Sandbox, pg_dsn: str) -> None:
+    """The lease expires behind the store's back and its lease thread takes a new one while
+    the loop is busy (as when a paused server wakes). A write the loop queues before it has
+    heard of that was checked against memory under the old lease: it must not commit under
+    the new one (it did: a woken server's stale session updated a VM held elsewhere)."""
+    async with running(pg_dsn, lease_ttl=3) as store:
+        await write(store, "add a", add("a"))
+        old = store.lease.id
+        pg_sandbox.psql(f"UPDATE vmserver_servers SET expires_at = clock_timestamp() - interval '1 second' "
+                        f"WHERE lease = {old}", db=dbname(pg_dsn))
+        deadline = time.monotonic() + WAIT
+        while store.lease.id in (None, old):  # the loop is held here: it hears of nothing meanwhile
+            assert time.monotonic() < deadline, "the lease thread took no new lease"
+            time.sleep(0.02)
+        stale = store.submit("add stale", add("stale"))  # queued before the loop heard
+        with pytest.raises(CommandError) as caught:
+            await asyncio.wait_for(stale, WAIT)
+        assert "lease" in caught.value.message
+        assert "stale" not in vm_names(pg_sandbox, pg_dsn)
+        await eventually_writes(store, "fresh")  # under the new lease, once the loop has heard
+        assert store.lease.id not in (None, old)  # the stale write's fence did not cost the new lease
+
+
 class Proxy:
     """A TCP proxy between a store and PostgreSQL that a test can cut: all connections at once
     (``pause``, until ``resume``), or the next one that sends a COMMIT, which is then either

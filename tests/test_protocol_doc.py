@@ -87,11 +87,13 @@ def parse_blocks(text: str) -> list[Block]:
 
 
 _SERVER = re.compile(r'"(server_id|host)":"[^"]*"|"pid":\d+')
+_LIMIT = re.compile(r'"connections":\{"open":(\d+),"limit":\d+\}')  # the cap follows this machine's open-file limit
 
 
 def normalize(line: str) -> str:
     line = _SERVER.sub(lambda m: f'"{m.group(1) or "pid"}":"<{m.group(1) or "pid"}>"', line.strip())
     line = _TIMESTAMP.sub('"<timestamp>"', line)
+    line = _LIMIT.sub(lambda m: f'"connections":{{"open":{m.group(1)},"limit":"<limit>"}}', line)
     return _PEER.sub('"peer":"127.0.0.1:<port>"', _VERSION.sub('"version":"*"', line))
 
 

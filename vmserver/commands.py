@@ -39,6 +39,8 @@ class Context:
         self.token = None if config.token is None else config.token.encode("utf-8")
         self.require_passwords = config.require_passwords
         self.attempts = AttemptLimiter(config.auth_failures_allowed)
+        # Set by the server: its sessions by protocol and its connections, for stats.
+        self.sessions: Callable[[], dict[str, Any]] | None = None
         # With several servers, failures made through the others count here too.
         inventory.on_auth_failed_elsewhere = lambda vm_id, n: self.attempts.elsewhere(vm_id, n, time.monotonic())
 
@@ -286,7 +288,7 @@ def get_vm(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
 
 @command("stats", "Counts of VMs (all, connected, authorized) and disks; totals of ram, cpu, disk size.")
 def stats(ctx: Context, session: Owner, a: dict[str, Any]) -> Result:
-    return ctx.inventory.stats_json()
+    return ctx.inventory.stats_json(ctx.sessions() if ctx.sessions is not None else None)
 
 
 @command("remove_vm", "Unregister a VM and its disks (its password if it has one); refused while connected.",

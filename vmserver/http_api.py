@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from . import limits
 from .commands import SlowDown, failure, run
 from .errors import CommandError, ErrorCode
 from .listing import pieces
 from .presence import session_key
-from .protocol import _json_error_text, decode_json, dumps
+from .protocol import json_error_text, decode_json, dumps
 
 if TYPE_CHECKING:
     from .server import Server
@@ -96,7 +97,7 @@ class HttpSession:
         self.busy = 0  # requests in flight: it does not expire under them
 
     def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
-        raise CommandError(ErrorCode.BAD_REQUEST, "live events are not served over HTTP yet")
+        raise CommandError(ErrorCode.BAD_REQUEST, "over HTTP, live events are GET /events (docs/http.md)")
 
     def unsubscribe(self) -> None:
         pass
@@ -114,6 +115,7 @@ class HttpApi:
         self.context = server.context
         self.sessions: dict[str, HttpSession] = {}
         self._runner: web.AppRunner | None = None
+        self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._openapi_json: bytes | None = None
@@ -128,40 +130,65 @@ class HttpApi:
         app.router.add_get("/ready", self._ready)
         app.router.add_delete("/session", self._delete_session)
         app.router.add_get("/openapi.json", self._openapi)
+        from .http_events import EventStreams  # (it imports this module)
+
+        self.events = EventStreams(self)
+        app.router.add_get("/events", self.events.handle, allow_head=False)
+        app.on_shutdown.append(self.events.close)  # streams end before aiohttp waits for its handlers
         self.app = app
 
     async def start(self, tls: ssl.SSLContext | None) -> None:
-        """Listen on --http-port (TLS with the line server's context). :raises OSError:"""
+        """Listen on --http-port (TLS with the line server's context). :raises OSError:
+
+        Our own listening sockets rather than aiohttp's sites: each connection passes the
+        server's cap (--max-connections, shared with the line sessions) before aiohttp sees it,
+        and running out of descriptors refuses waiting clients instead of spinning (limits.py).
+        """
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                shutdown_timeout=self.config.shutdown_grace)
         await runner.setup()
+        loop = asyncio.get_running_loop()
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.http_port, ssl_context=tls, backlog=4096)
-            await site.start()
+            for sock in limits.listeners(self.config.host, self.config.http_port, 4096):
+                sock.refusal, sock.on_refused = _refusal("the server is out of file descriptors; try again "
+                                                         "later"), self.server.note_refused
+                self._listeners.append(await loop.create_server(
+                    lambda: _Gate(self), sock=sock, ssl=tls, backlog=4096,
+                    ssl_handshake_timeout=10.0 if tls else None))
         except BaseException as exc:
+            for listener in self._listeners:
+                listener.close()
             await runner.cleanup()
             if isinstance(exc, OSError):  # the start failure line names this port, not the line server's
                 exc.vmserver_address = f"HTTP {self.config.host}:{self.config.http_port}"  # type: ignore[attr-defined]
             raise
         self._runner = runner
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._sweeper = loop.create_task(self._sweep())
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._runner is not None, "start() first"
-        host, port = self._runner.addresses[0][:2]
+        assert self._listeners, "start() first"
+        host, port = self._listeners[0].sockets[0].getsockname()[:2]
         return host, port
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now (each counts against --max-connections)."""
+        return len(self._runner.server.connections) if self._runner is not None and self._runner.server else 0
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish, end every session (reason shutdown)."""
         self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for listener in self._listeners:
+            listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
         self.end_all("shutdown")
 
     def end_all(self, reason: str) -> None:
+        self.events.end_all()
         for session in list(self.sessions.values()):
             self._end(session, reason)
 
@@ -187,9 +214,9 @@ class HttpApi:
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """The token, the lease, and our error body for aiohttp's own refusals (404, 405, 413)."""
-        if self.server._unavailable is not None and request.path not in _OPEN_PATHS:  # /ready says why itself
+        if self.server.unavailable is not None and request.path not in _OPEN_PATHS:  # /ready says why itself
             return error_response(ErrorCode.UNAVAILABLE, "this server lost touch with its database "
-                                  f"({self.server._unavailable}); try another server, or again shortly")
+                                  f"({self.server.unavailable}); try another server, or again shortly")
         try:
             if self.context.token is not None and request.path not in _OPEN_PATHS:
                 refused = await self._check_token(request)
@@ -335,7 +362,7 @@ class HttpApi:
 
     async def _ready(self, request: web.Request) -> web.Response:
         """Readiness: the database takes writes (in a cluster: this server holds its lease)."""
-        why = self.server._unavailable
+        why = self.server.unavailable
         if why is not None:
             why = f"this server holds no lease on the database ({why})"
         else:
@@ -360,6 +387,38 @@ class HttpApi:
         response = web.Response(body=dumps({"released": released}), content_type="application/json")
         response.del_cookie(COOKIE, path="/")
         return response
+
+
+class _Gate(asyncio.Protocol):
+    """A new HTTP connection: handed to aiohttp within the cap, else answered 503 and closed."""
+
+    def __init__(self, api: HttpApi) -> None:
+        self.api = api
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server, peer = self.api.server, transport.get_extra_info("peername")
+        runner = self.api._runner
+        if runner is None or runner.server is None or self.api._closing:
+            transport.abort()
+            return
+        if not server.admits(peer):
+            server.note_refused(1, f"http {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "http ?")
+            transport.write(_refusal(server.full_message))  # type: ignore[attr-defined]
+            transport.close()
+            return
+        handler = runner.server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a refused connection's request: not read
+
+
+def _refusal(message: str) -> bytes:
+    """A whole 503 reply, written before anything is read, then the connection is closed."""
+    body = dumps({"error": {"code": ErrorCode.UNAVAILABLE.value, "message": message}})
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 def _not_writable(db: str, timeout: float) -> str | None:
@@ -397,7 +456,7 @@ def _body_args(body: bytes) -> dict[str, Any] | web.Response:
     except UnicodeDecodeError as exc:
         return error_response(ErrorCode.BAD_REQUEST, f"body is not valid UTF-8 (offset {exc.start})")
     except (ValueError, RecursionError) as exc:
-        return error_response(ErrorCode.BAD_REQUEST, f"body is not JSON: {_json_error_text(exc)}")
+        return error_response(ErrorCode.BAD_REQUEST, f"body is not JSON: {json_error_text(exc)}")
     if type(value) is not dict:
         return error_response(ErrorCode.BAD_REQUEST, "body must be a JSON object of the command's arguments")
     return value

@@ -830,13 +830,14 @@ class Inventory:
             return self._all_disks.json_array()
         return json_list([d.listing_json() for d in itertools.islice(self._disk_blocks.after(after), limit)])
 
-    def stats_json(self) -> bytes:
-        """Counts and totals of the whole inventory, from one snapshot (summed block by block)."""
+    def stats_json(self, server: dict[str, Any] | None = None) -> bytes:
+        """Counts and totals of the whole inventory, from one snapshot (summed block by block),
+        and ``server``'s entries (the answering server's own sessions and connections)."""
         vms, connected, authorized, ram, cpu = (sum(column) for column in zip(*self._vm_totals.each(), (0,) * 5))
         disks, disk_size = (sum(column) for column in zip(*self._disk_totals.each(), (0, 0)))
         return dumps({"vms": vms, "connected": connected, "authorized": authorized, "disks": disks,
                       "ram": ram, "cpu": cpu, "disk_size": disk_size, "server_id": SERVER_ID,
-                      "servers": self.store.servers})
+                      "servers": self.store.servers, **(server or {})})
 
     async def history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                       limit: int) -> bytes:

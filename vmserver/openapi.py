@@ -129,11 +129,18 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Stats": {
         "type": "object",
-        "required": ["vms", "connected", "authorized", "disks", "ram", "cpu", "disk_size", "server_id", "servers"],
+        "required": ["vms", "connected", "authorized", "disks", "ram", "cpu", "disk_size", "server_id", "servers",
+                     "sessions", "connections"],
         "properties": {
             **{name: {"type": "integer"} for name in ("vms", "connected", "authorized", "disks", "ram", "cpu",
                                                         "disk_size")},
             "server_id": {"type": "string", "description": "this server process"},
+            "sessions": {"type": "object", "description": "the answering server's sessions, by protocol",
+                         "required": ["line", "http"],
+                         "properties": {"line": {"type": "integer"}, "http": {"type": "integer"}}},
+            "connections": {"type": "object", "required": ["open", "limit"],
+                            "description": "the answering server's connections (line and HTTP) and their cap",
+                            "properties": {"open": {"type": "integer"}, "limit": {"type": "integer"}}},
             "servers": {"type": "array", "description": "the live servers on this database",
                         "items": {"type": "object", "required": ["server_id", "host", "pid", "since"],
                                   "properties": {"server_id": {"type": "string"}, "host": {"type": "string"},
@@ -206,6 +213,9 @@ class _Doc:
         elif status == 429:
             response["headers"] = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1},
                                                    "description": "seconds"}}
+        elif status == 503:
+            response["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                                   "description": "seconds: past --max-connections (1)"}}
         return response
 
     def refusals(self, codes: frozenset[ErrorCode],
@@ -300,18 +310,20 @@ class _Doc:
             "/health": {"get": {
                 "operationId": "health", "tags": ["probes"], **open_op,
                 "summary": "Liveness: answered while the process serves, without the token.",
-                "responses": {"200": _plain("OK", {"type": "string", "enum": ["OK"]})}}},
+                "responses": {"200": _plain("OK", {"type": "string", "enum": ["OK"]}),
+                              "503": self.error(503, unavailable, _CAP)}}},
             "/ready": {"get": {
                 "operationId": "ready", "tags": ["probes"], **open_op,
                 "summary": "Readiness: the database takes writes (in a cluster: this server holds its lease); "
                            "without the token.",
                 "responses": {"200": _plain("ready", {"type": "string", "enum": ["ready"]}),
-                              "503": self.error(503, unavailable, "not ready, and why")}}},
+                              "503": self.error(503, unavailable, f"not ready, and why; or {_CAP}")}}},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "tags": ["probes"], **open_op,
                 "summary": "This document; without the token (it holds nothing the line protocol's greeting "
                            "does not tell before auth).",
-                "responses": {"200": _json("the OpenAPI document", {"type": "object"})}}},
+                "responses": {"200": _json("the OpenAPI document", {"type": "object"}),
+                              "503": self.error(503, unavailable, _CAP)}}},
             "/session": {"delete": {
                 "operationId": "delete_session", "tags": ["sessions"],
                 "summary": "End this request's session: its VMs are disconnected (reason session_closed), "
@@ -325,13 +337,16 @@ class _Doc:
                 "summary": "Live events as Server-Sent Events (the line protocol's events: protocol.md), "
                            "until the client goes or the server stops.",
                 "parameters": [
-                    {"name": "event", "in": "query", "required": False, "schema": VALIDATORS[_event_name],
-                     "description": "only events of this name"},
+                    {"name": "event", "in": "query", "required": False, "style": "form", "explode": False,
+                     "schema": VALIDATORS[_event_names],
+                     "description": "the events wanted, comma-separated (or the parameter repeated); default all"},
                     {"name": "vm_id", "in": "query", "required": False, "schema": VALIDATORS[v.ident],
                      "description": "only events of this VM"},
                 ],
-                "responses": {"200": {"description": "a stream of events: `event: NAME` and `data: JSON` "
-                                                     "(the event's data), one blank line after each",
+                "responses": {"200": {"description": "first the comment `: subscribed {...}`, then each event as "
+                                                     "`event: NAME` and `data: {\"event\",\"data\",\"ts\"}` (the "
+                                                     "line protocol's event line) and a blank line; `: keepalive` "
+                                                     "after 15 s without one; `event: shutdown` at the end",
                                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                               **self.refusals(frozenset((E.BAD_REQUEST, E.INVALID_ARGS, E.UNAVAILABLE)), {})}}},
             "/metrics": {"get": {
@@ -379,6 +394,7 @@ class _Doc:
         return doc
 
 
+_CAP = "past --max-connections: answered before the request is read, and closed (unavailable, Retry-After: 1)"
 _STATUS_TEXT = {
     400: "the body or query is malformed (bad_request) or an argument is missing, unknown or out of range "
          "(invalid_args)",
@@ -386,7 +402,8 @@ _STATUS_TEXT = {
          "(auth_failed)",
     404: "no such VM",
     409: "clashes with the inventory or another session",
-    503: "this server lost its lease (unavailable) or its storage failed: nothing was changed (internal)",
+    503: "this server lost its lease or is past --max-connections (unavailable), or its storage failed: nothing "
+         "was changed (internal)",
 }
 
 

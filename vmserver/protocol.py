@@ -81,7 +81,7 @@ _decoder = json.JSONDecoder(
 )
 
 
-def _json_error_text(exc: BaseException, offset: int = 0) -> str:
+def json_error_text(exc: BaseException, offset: int = 0) -> str:
     """The decoder's complaint; ``offset`` turns its column into a column of the whole line."""
     if isinstance(exc, RecursionError):
         return "JSON nested too deeply"
@@ -139,7 +139,7 @@ def _parse_envelope(text: str) -> Request:
     try:
         obj = _decoder.decode(text)
     except (ValueError, RecursionError) as exc:
-        raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {_json_error_text(exc)}") from None
+        raise RequestError(ErrorCode.BAD_REQUEST, f"not valid JSON: {json_error_text(exc)}") from None
     if not isinstance(obj, dict):
         raise RequestError(ErrorCode.BAD_REQUEST, f"a request must be a JSON object, got {json_type(obj)}")
     request_id = obj.get("id")
@@ -183,7 +183,7 @@ def _parse_inline(text: str) -> Request:
             args = _decoder.decode(rest)
         except (ValueError, RecursionError) as exc:
             raise RequestError(
-                ErrorCode.BAD_REQUEST, f"arguments are not a valid JSON object: {_json_error_text(exc, offset)}"
+                ErrorCode.BAD_REQUEST, f"arguments are not a valid JSON object: {json_error_text(exc, offset)}"
             ) from None
         return Request(name, args)
     return _parse_key_values(name, rest, offset)
@@ -221,7 +221,7 @@ def _inline_value(rest: str, pos: int, offset: int) -> tuple[Any, int, str | Non
         try:
             value, stop = _decoder.raw_decode(rest, pos)
         except (ValueError, RecursionError) as exc:
-            hint = f"it starts like JSON but is not valid JSON: {_json_error_text(exc, offset)}"
+            hint = f"it starts like JSON but is not valid JSON: {json_error_text(exc, offset)}"
         else:
             if stop == len(rest) or rest[stop].isspace():
                 return value, stop, None

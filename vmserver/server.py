@@ -183,6 +183,7 @@ class Server:
         self.config = config
         self.inventory = inventory
         self.context = Context(inventory, config)
+        self.context.sessions = self._stats
         self.sessions: set[Session] = set()
         self.max_sessions, warning = limits.session_cap(config.max_connections, config.local_reserve,
                                                         limits.fd_limit())
@@ -197,7 +198,7 @@ class Server:
         self._greeting = encode_greeting(__version__, list(COMMANDS), auth_required=config.token is not None,
                                          server_id=SERVER_ID)
         # Several servers on one database: while this one holds no lease it serves nobody.
-        self._unavailable: str | None = None
+        self.unavailable: str | None = None
         store = inventory.store
         if store.shared:
             store.on_unavailable = self._lease_lost  # type: ignore[attr-defined]
@@ -227,7 +228,7 @@ class Server:
         socks = limits.listeners(self.config.host, self.config.port, _BACKLOG)
         try:
             for sock in socks:
-                sock.refusal, sock.on_refused = refusal, self._note_refused
+                sock.refusal, sock.on_refused = refusal, self.note_refused
                 # Lines longer than the reader's limit are gathered by _read_long_line.
                 self._servers.append(await asyncio.start_server(
                     self._serve, sock=sock, limit=_READ_LIMIT, backlog=_ACCEPT_BATCH, ssl=tls,
@@ -458,46 +459,62 @@ class Server:
 
     # --- one session ------------------------------------------------------------------
 
-    def _note_refused(self, count: int, name: str = "?") -> None:
+    def note_refused(self, count: int, name: str = "?") -> None:
         """Count refused connections; a flood of refusals is one log line per 10 s."""
         self._refused += count
         now = time.monotonic()
         if now - self._refused_logged >= 10.0:
-            log.warning("refused %d connection(s), the last from %s: already %d sessions (cap %d, --max-connections)",
-                        self._refused, name, len(self.sessions), self.max_sessions)
+            log.warning("refused %d connection(s), the last from %s: already %d connections (cap %d, --max-connections)",
+                        self._refused, name, self.open_connections, self.max_sessions)
             self._refused, self._refused_logged = 0, now
 
     def _lease_lost(self, why: str) -> None:
         """Stop acting before the lease can expire: every session closed (their VMs are released
         by whichever server reaps the lease), new ones refused until a new lease is held."""
-        self._unavailable = why
+        self.unavailable = why
         for session in list(self.sessions):
             self._stop(session, LEASE_LOST)
         if self.http is not None:
             self.http.end_all("session_closed")
 
     def _lease_held(self) -> None:
-        if self._unavailable is not None:
+        if self.unavailable is not None:
             log.warning("serving again: this server holds a new lease")
-        self._unavailable = None
+        self.unavailable = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections counted against the cap: line sessions and HTTP connections alike."""
+        return len(self.sessions) + (self.http.connections if self.http is not None else 0)
+
+    def _stats(self) -> dict[str, Any]:
+        """This server's part of stats: its sessions by protocol, its connections and their cap."""
+        http = len(self.http.sessions) if self.http is not None else 0
+        return {"sessions": {"line": len(self.sessions), "http": http},
+                "connections": {"open": self.open_connections, "limit": self.max_sessions}}
+
+    def admits(self, peer: Any) -> bool:
+        """Within the cap, or in one of the seats kept for this machine's own peers past it."""
+        count = self.open_connections
+        return count < self.max_sessions or (
+            count < self.max_sessions + self.config.local_reserve and _is_loopback(peer))
 
     def _admit(self, writer: asyncio.StreamWriter, peer: Any, name: str) -> bool:
-        """Within the cap, or in one of the seats kept for this machine's own peers past it."""
-        if self._unavailable is not None:
+        if self.unavailable is not None:
             writer.write(encode_error(None, ErrorCode.UNAVAILABLE, "this server lost touch with its database "
-                                      f"({self._unavailable}); try another server, or again shortly"))
+                                      f"({self.unavailable}); try another server, or again shortly"))
             writer.close()
             return False
-        count = len(self.sessions)
-        if count < self.max_sessions:
+        if self.admits(peer):
             return True
-        if count < self.max_sessions + self.config.local_reserve and _is_loopback(peer):
-            return True
-        self._note_refused(1, name)
-        writer.write(encode_error(None, ErrorCode.UNAVAILABLE,
-                                  f"too many connections (limit {self.max_sessions}); try again later"))
+        self.note_refused(1, name)
+        writer.write(encode_error(None, ErrorCode.UNAVAILABLE, self.full_message))
         writer.close()  # at once: a refusal must not hold a descriptor while lingering
         return False
+
+    @property
+    def full_message(self) -> str:
+        return f"too many connections (limit {self.max_sessions}); try again later"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

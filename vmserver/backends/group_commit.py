@@ -32,12 +32,14 @@ DEFAULT_MAX_BATCH = 256
 
 
 class _Job:
-    __slots__ = ("job", "future", "on_commit", "on_fail")
+    __slots__ = ("job", "future", "on_commit", "on_fail", "last")
 
     def __init__(self, job: Job, future: asyncio.Future[Any],
-                 on_commit: Callable[[Any], Any] | None, on_fail: Callable[[], None] | None) -> None:
+                 on_commit: Callable[[Any], Any] | None, on_fail: Callable[[], None] | None,
+                 last: bool = False) -> None:
         self.job, self.future = job, future
         self.on_commit, self.on_fail = on_commit, on_fail
+        self.last = last  # it ends its batch: nothing queued after it runs in the same transaction
 
 
 class GroupCommitter:
@@ -70,8 +72,9 @@ class GroupCommitter:
 
     def submit(self, what: str, write: Write, history: Any = (), *, changes: Changes | None = None,
                on_commit: Callable[[Any], Any] | None = None,
-               on_fail: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+               on_fail: Callable[[], None] | None = None, last: bool = False) -> asyncio.Future[Any]:
         """Queue a write; the future gets ``on_commit(result)`` (or the result) once committed.
+        ``last``: the write ends its batch (what is queued after it goes in the next one).
 
         :raises CommandError: (through the future) when the write failed; StorageError at once
             when the writer is closing. on_fail ran first either way.
@@ -82,7 +85,7 @@ class GroupCommitter:
                 on_fail()
             raise StorageError(f"database {self.label}: {what} refused: the server is stopping")
         future = self._loop.create_future()
-        self._jobs.put(_Job((what, write, history, changes), future, on_commit, on_fail))
+        self._jobs.put(_Job((what, write, history, changes), future, on_commit, on_fail, last))
         return future
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -109,7 +112,7 @@ class GroupCommitter:
             if first is None:
                 return
             batch = [first]
-            while len(batch) < self.max_batch:  # and whatever else queued up meanwhile
+            while len(batch) < self.max_batch and not batch[-1].last:  # and whatever else queued up meanwhile
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:

@@ -142,9 +142,10 @@ class Lease:
         finally:
             timer.cancel()
 
-    def lost_now(self, why: str) -> None:
-        """The fence said the lease is gone (a batch found it expired): act as if it had expired here."""
-        if self.id is not None:
+    def lost_now(self, lease: int, why: str) -> None:
+        """The fence said ``lease`` is gone (a batch found it expired): act as if it had expired
+        here, unless a newer one is held already (the batch was queued under the old one)."""
+        if self.id is not None and self.id == lease:
             self.valid_until = 0.0
             self._stop_acting(why)
 

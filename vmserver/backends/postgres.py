@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
@@ -420,6 +421,15 @@ def read_history(conn: psycopg.Connection, vm_id: str | None, event: str | None,
 # --- errors -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Fence:
+    """Queued by the loop when the lease it serves under changes: the writes queued before it
+    were checked against memory under the old lease and commit under it or not at all; those
+    after it, under ``lease`` (None: none, refused). It ends its batch."""
+
+    lease: int | None
+
+
 class _Lost(Exception):
     """The primary connection died under a batch. ``xid`` set: it died during the COMMIT, whose
     outcome (``outcomes`` if it committed) PostgreSQL alone knows."""
@@ -525,6 +535,9 @@ class PostgresStore(Committed):
             raise
         self.lease.on_lost = self._lease_lost
         self.lease.on_held = self._lease_held
+        # The lease the writer fences batches with: the one the loop serves under (see _Fence),
+        # which lags the lease thread's own until the loop has heard of a change.
+        self._fence_lease: int | None = self.lease.id
         self._install(conn)
         self.readers = Readers(self, READERS)
         self.writer = GroupCommitter(self.label, self._execute, max_batch, deliver=self._deliver)
@@ -690,12 +703,26 @@ class PostgresStore(Committed):
         self.feed.local(first, last, lambda: GroupCommitter.deliver_now(batch, outcomes))
 
     def _lease_lost(self, why: str) -> None:
+        self._serve_under(None)
         if self.on_unavailable is not None:
             self.on_unavailable(why)
 
     def _lease_held(self) -> None:
+        self._serve_under(self.lease.id)
         if self.on_available is not None:
             self.on_available()
+
+    def _serve_under(self, lease: int | None) -> None:
+        """On the loop: writes queued from now on commit under ``lease``. Those queued before
+        were checked against what memory held under the previous lease: a server paused past
+        its lease wakes with memory that still shows its old sessions' VMs, and its lease
+        thread may take a new lease before the loop has closed those sessions. Fencing their
+        writes with the new lease would let them through."""
+        try:
+            future = self.writer.submit(f"serve under lease {lease}", _Fence(lease), (), last=True)  # type: ignore[arg-type]
+        except CommandError:
+            return  # stopping: nothing more is written
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def read_history(self, vm_id: str | None, event: str | None, since: str | None, before: int | None,
                            limit: int) -> list[StoredHistoryRow]:
@@ -807,7 +834,17 @@ class PostgresStore(Committed):
     # --- the writer thread ------------------------------------------------------------------
 
     def _execute(self, jobs: list[Job]) -> list[Outcome]:
-        """Run a batch in one transaction (GroupCommitter's ``execute``); never raises."""
+        """Run a batch in one transaction (GroupCommitter's ``execute``); never raises. A fence
+        (always its batch's last job) changes the lease the batches after it are fenced with."""
+        fence = jobs[-1][1]
+        if type(fence) is not _Fence:
+            return self._write(jobs, self._fence_lease)
+        outcomes = self._write(jobs[:-1], self._fence_lease) if len(jobs) > 1 else []
+        self._fence_lease = fence.lease
+        outcomes.append((None, None))  # (still the batch's _Fed, with its numbers)
+        return outcomes
+
+    def _write(self, jobs: list[Job], lease: int | None) -> list[Outcome]:
         try:
             with self._conn_lock:
                 conn, state = self._conn, self._state
@@ -815,7 +852,7 @@ class PostgresStore(Committed):
                     return self._refused(jobs)
                 self._busy_since = time.monotonic()
                 try:
-                    outcomes = self._batch(conn, jobs)
+                    outcomes = self._batch(conn, jobs, lease)
                     self._last_ok = time.monotonic()
                     return outcomes
                 except _Lost as exc:
@@ -840,11 +877,10 @@ class PostgresStore(Committed):
             why = f"failed: not connected to PostgreSQL ({self._down_reason}); reconnecting"
         return [(None, StorageError(f"database {self.label}: {what} {why}")) for what, *_ in jobs]
 
-    def _batch(self, conn: psycopg.Connection, jobs: list[Job]) -> list[Outcome]:
+    def _batch(self, conn: psycopg.Connection, jobs: list[Job], lease: int | None) -> list[Outcome]:
         """The batch straight through, in one pipeline (one round trip), then its feed rows and
         the commit; only if a job fails, again with a savepoint around each job, so that it
         fails alone (see sqlite.Store.write_batch). :raises _Lost: the connection died."""
-        lease = self.lease.id
         if lease is None:
             return self._refused(jobs, "refused: this server holds no lease on the database (it lost touch for "
                                        "too long); reconnect, to it or to another server")
@@ -871,7 +907,7 @@ class PostgresStore(Committed):
     def _fenced(self, conn: psycopg.Connection, jobs: list[Job], lease: int) -> list[Outcome]:
         """Our lease is gone (expired while we were paused or cut off): nothing is written."""
         self._rollback(conn)
-        self.lease.lost_now(f"lease {lease} had expired when a batch checked it")
+        self.lease.lost_now(lease, f"lease {lease} had expired when a batch checked it")
         return self._refused(jobs, "refused: this server's lease on the database had expired; reconnect, to it "
                                    "or to another server")
 
