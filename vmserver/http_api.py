@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 COOKIE = "vmsession"
 HEADER = "X-VM-Session"
-_OPEN_PATHS = frozenset(("/health", "/ready"))  # answered without the token: probes carry none
+# answered without the token: probes carry none, and the API's description tells no more than the
+# line protocol's greeting does before auth
+_OPEN_PATHS = frozenset(("/health", "/ready", "/openapi.json"))
 
 # SEED.md's writes and their text/plain confirmations (the JSON record with Accept: application/json).
 CONFIRMATIONS = {
@@ -116,6 +118,7 @@ class HttpApi:
         self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._openapi_json: bytes | None = None
         app = web.Application(middlewares=[self._guard], client_max_size=self.config.max_line)
         for name in CONFIRMATIONS:
             app.router.add_post(f"/{name}", self._write(name))
@@ -126,6 +129,7 @@ class HttpApi:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_delete("/session", self._delete_session)
+        app.router.add_get("/openapi.json", self._openapi)
         from .http_events import EventStreams  # (it imports this module)
 
         self.events = EventStreams(self)
@@ -354,6 +358,13 @@ class HttpApi:
                 response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", path="/")
         return response
 
+    async def _openapi(self, request: web.Request) -> web.Response:
+        if self._openapi_json is None:  # built on first use: most servers are never asked
+            from .openapi import document
+
+            self._openapi_json = dumps(document(self.context.token is not None))
+        return web.Response(body=self._openapi_json, content_type="application/json")
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
@@ -468,7 +479,8 @@ def _query_args(request: web.Request) -> dict[str, Any] | web.Response:
             return error_response(ErrorCode.BAD_REQUEST, f"query parameter {name!r} given {len(values)} times")
         value: Any = values[0]
         # ASCII digits only: int() takes any script's digits, JSON does not
-        if name in _INTS and value.isascii() and value.lstrip("-").isdigit() and len(value) <= 20:
+        # (one minus sign at most: "--5" passed lstrip("-") and int() raised)
+        if name in _INTS and value.isascii() and value.removeprefix("-").isdigit() and len(value) <= 20:
             value = int(value)
         elif name in _BOOLS and value in _FLAGS:
             value = _FLAGS[value]
