@@ -353,8 +353,10 @@ class _Doc:
                 "operationId": "metrics", "tags": ["probes"],
                 "summary": "Prometheus metrics (text format): sessions, commands and their latency, VMs, disks, "
                            "writes, event subscribers, database errors, lease state, build info.",
-                "responses": {"200": {"description": "Prometheus text exposition format",
-                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "responses": {"200": {"description": "Prometheus' text format (OpenMetrics when Accept asks "
+                                                     "for application/openmetrics-text)",
+                                      "content": {"text/plain": {"schema": {"type": "string"}},
+                                                  "application/openmetrics-text": {"schema": {"type": "string"}}}},
                               **self.refusals(frozenset((E.UNAVAILABLE,)), {})}}},
         }
 
