@@ -2140,7 +2140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INTERFERENCE:
         info["server_cpu_taken_by_others"] = {"median": median(INTERFERENCE), "max": max(INTERFERENCE)}
         print(f"\ninterference: other processes used {median(INTERFERENCE):.0%} (median; worst {max(INTERFERENCE):.0%}) "
-              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7, 10 and 13")
+              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7, 10, 13 and 15")
     if args.merge and out_path.exists():
         results = merge_results(json.loads(out_path.read_text()), results)
     out_path.parent.mkdir(parents=True, exist_ok=True)
