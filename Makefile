@@ -46,11 +46,15 @@ cluster-demo: $(VENV)/.installed-postgres
 		--command "$(BIN)/python -m vmserver.cluster_demo" -- $(ARGS)
 
 # The benchmark suite (about 7 minutes; pins servers and load to separate cores). See benchmarks/BENCHMARKS.md.
-# Figure 13 runs on a throwaway PostgreSQL: the driver comes with the postgres extra.
-bench: $(VENV)/.installed-postgres
+# Figure 13 runs on a throwaway PostgreSQL: the driver comes with the postgres extra; figure 15 needs aiohttp (http).
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[postgres,http]'
+	touch $@ $(VENV)/.installed-postgres $(VENV)/.installed
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
-bench-smoke: $(VENV)/.installed-postgres
+bench-smoke: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run --smoke $(ARGS)
 
 clean:

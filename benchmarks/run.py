@@ -27,6 +27,7 @@ of the runs. Figures (see BENCHMARKS.md for what each measures and what limits i
 12. ``fleet``             10,000 agents: connect storm, mass disconnect, restart
 13. ``postgres``          figures 2 and 3 on PostgreSQL beside SQLite; the floor for PostgreSQL's writes
 14. ``cluster``           two servers vs one on PostgreSQL; event latency across servers; a killed server
+15. ``http``              the HTTP API at 50 connections: /health, /get_all_vms vs a bare aiohttp app
 
 Results are printed as a table and written as JSON (default ``benchmarks/results.json``; in
 smoke mode a temporary file unless ``--out`` is given). Exit status: 0 when every figure
@@ -60,7 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import cluster_figure, fleet, loadgen, pg_figure, procstat
+from . import cluster_figure, fleet, http_figure, loadgen, pg_figure, procstat
 from .fleet import Fleet
 from .loadgen import LoadError
 
@@ -104,6 +105,7 @@ class Settings:
     fleet_agents: int = 10000  # figure 12
     fleet_subscribers: int = 200  # figure 12
     workers: int = 4  # load-generator processes for figures 11 and 12 (more if needed)
+    http_requests: int = 20000  # figure 15: requests per measurement (over ``connections``)
     smoke: bool = False
 
     @property
@@ -121,7 +123,7 @@ SMOKE = Settings(runs=1, pipelined_requests=200, window=16, connections=5, concu
                  write_agents=5, write_rounds=4, lifecycle_agents=20, large_vms=100, warm_calls=1,
                  idle_sessions=50, timeout=60.0, fair_vms=300, fair_burst=20, fair_health_burst=500,
                  unread_readers=4, unterminated_conns=4, subscribers=10, gc_sessions=200,
-                 gc_burst_ops=40, fleet_agents=200, fleet_subscribers=3, workers=2, smoke=True)
+                 gc_burst_ops=40, fleet_agents=200, fleet_subscribers=3, workers=2, http_requests=200, smoke=True)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -1879,6 +1881,95 @@ def _cluster_figure(b: Bench, fig: Figure, pg: pg_figure.Sandbox) -> None:
         f"(d) a third server connects {len(held)} VMs, is SIGKILLed, a subscriber on B times the last server_lost "
         f"vm_disconnected. Median of {s.runs} runs")
 
+# --- figure 15: the HTTP API ---------------------------------------------------------------------
+
+
+_HTTP_LISTENING = re.compile(r"HTTP API on https?://(?:\[([^\]]+)\]|([^\s:/]+)):(\d+)")
+HTTP_PATHS = {"floor": "/", "health": "/health", "get_all_vms": "/get_all_vms"}
+
+
+def http_port(server: ServerProc, timeout: float = 30.0) -> int:
+    """The HTTP port ``vmserver --http-port 0`` logged, just after its line server's."""
+    deadline = time.monotonic() + timeout
+    while (match := _HTTP_LISTENING.search(server.log_tail())) is None:
+        if server.proc is not None and server.proc.poll() is not None or time.monotonic() > deadline:
+            raise ServerStartError(server.name, server.proc.poll() if server.proc else None,
+                                   f"no 'HTTP API on' line: {server.log_tail()}")
+        time.sleep(0.01)
+    return int(match.group(3))
+
+
+def fig_http(b: Bench, fig: Figure) -> None:
+    """The HTTP API against the floor for aiohttp (a bare app answering a constant), both on the
+    servers' core, measured in turn within each run."""
+    why = http_figure.unavailable()
+    if why is not None:
+        fig.not_available.append(why)
+        return
+    s = b.s
+    floor = b._start(ServerProc("floor", [sys.executable, "-m", "benchmarks.http_figure", "floor", "--port", "0"],
+                                b.tmp / "floor.log"), 60.0)
+    ours = b.ours("http", extra=["--http-port", "0"])
+    port = http_port(ours)
+    populate(ours.port, [vm_spec(f"vm-{i}") for i in range(1, s.small_vms + 1)])  # figure 2's VMs, with disks
+    targets = {"floor": (floor, floor.port), "health": (ours, port), "get_all_vms": (ours, port)}
+    checks = {"floor": lambda body: body == b"OK", "health": lambda body: body == b"OK",
+              "get_all_vms": http_figure.list_of(s.small_vms)}
+    shapes = {}
+    for name, (_, p) in targets.items():  # what each reply must be, then a warm-up, not counted
+        shapes[name] = http_figure.reply_shape(p, HTTP_PATHS[name], checks[name])
+        if shapes[name][0] != 200:
+            raise LoadError(f"GET {HTTP_PATHS[name]}: status {shapes[name][0]}")
+        http_figure.closed_loop(p, HTTP_PATHS[name], min(2000, s.http_requests), s.connections, shapes[name],
+                                timeout=s.timeout).require_all_ok()
+    n = s.http_requests
+    for run in range(s.runs):
+        entry: dict[str, Any] = {"run": run}
+        for name in targets:  # interleaved: floor, health, list, floor, ...
+            server, p = targets[name]
+            m = measure(server, lambda: http_figure.closed_loop(p, HTTP_PATHS[name], n, s.connections, shapes[name],
+                                                                timeout=s.timeout), n)
+            entry[name] = m.per_request(n)
+        fig.runs.append(entry)
+
+    def med(name: str, key: str) -> float | None:
+        return med_of([r[name] for r in fig.runs], key)
+
+    fig.row(f"floor: bare aiohttp GET / at {s.connections} conns: requests/s", med("floor", "rate_per_s"), None, "/s")
+    fig.row("  server CPU/request", med("floor", "cpu_us_per_request"), None, "µs")
+    fig.metrics["floor"] = {k: med("floor", k) for k in ("rate_per_s", "cpu_us_per_request",
+                                                          "cpu_us_per_request_schedstat", "client_cpu_us_per_request",
+                                                          "p50_ms", "p99_ms")} | {
+        "reply_bytes": shapes["floor"][1],
+        "server_cpu_busy": median([r["floor"]["rate_per_s"] * r["floor"]["cpu_us_per_request"] / 1e6 for r in fig.runs])}
+    for name, target in (("health", 1.2), ("get_all_vms", 1.5)):
+        label = f"{s.connections} conns GET {HTTP_PATHS[name]}" + (f" ({s.small_vms} VMs)" if name == "get_all_vms" else "")
+        rps, rps_f = med(name, "rate_per_s"), med("floor", "rate_per_s")
+        cpu, cpu_f = med(name, "cpu_us_per_request"), med("floor", "cpu_us_per_request")
+        pre, pre_f = med(name, "cpu_us_per_request_schedstat"), med("floor", "cpu_us_per_request_schedstat")
+        fig.row(f"{label}: requests/s vs the floor", rps, rps_f, "/s", ratio(rps, rps_f))
+        fig.row(f"{label}: server CPU/request vs the floor", cpu, cpu_f, "µs", ratio(cpu, cpu_f), ("<=", target))
+        fig.row(f"{label}: p99 latency vs the floor", med(name, "p99_ms"), med("floor", "p99_ms"), "ms",
+                ratio(med(name, "p99_ms"), med("floor", "p99_ms")))
+        fig.metrics[name] = {
+            "requests_per_s": rps, "cpu_us_per_request": cpu, "cpu_us_per_request_schedstat": pre,
+            "cpu_ratio": ratio(cpu, cpu_f), "cpu_ratio_schedstat": ratio(pre, pre_f), "cpu_target": target,
+            # each run measures the floor and ours back to back: less sensitive to drift
+            "cpu_ratio_paired": median([ratio(r[name]["cpu_us_per_request"], r["floor"]["cpu_us_per_request"])
+                                        for r in fig.runs]),
+            "throughput_ratio": ratio(rps, rps_f), "p50_ms": med(name, "p50_ms"), "p99_ms": med(name, "p99_ms"),
+            "loadgen_cpu_us_per_request": med(name, "client_cpu_us_per_request"), "reply_bytes": shapes[name][1],
+            # near 1: the server's core was the bottleneck, not the load generator
+            "server_cpu_busy": median([r[name]["rate_per_s"] * r[name]["cpu_us_per_request"] / 1e6 for r in fig.runs])}
+    fig.metrics["aiohttp"] = http_figure.aiohttp_version()
+    fig.notes.append(
+        f"aiohttp {http_figure.aiohttp_version()}; the floor (python -m benchmarks.http_figure floor: GET / answers "
+        f"web.Response(text='OK'), access log off) and vmserver --http-port (SQLite, {s.small_vms} VMs with two disks "
+        f"each) each in its own process on CPU {SERVER_CPU}; {n} requests per measurement over {s.connections} "
+        "keep-alive HTTP/1.1 connections, one in flight on each, from one asyncio process on "
+        f"CPU {CLIENT_CPU} (pre-encoded requests; each reply's status and length checked); "
+        f"floor, /health, /get_all_vms in turn within each run; median of {s.runs} runs")
+
 
 FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
     (1, "health_pipelined", "health pipelined on one connection", fig_health_pipelined),
@@ -1897,6 +1988,7 @@ FIGURES: list[tuple[int, str, str, Callable[[Bench, Figure], None]]] = [
      fig_postgres),
     (14, "cluster", "several servers on one PostgreSQL: throughput, event latency across servers, a lost server",
      fig_cluster),
+    (15, "http", "the HTTP API: /health and /get_all_vms against the floor for aiohttp", fig_http),
 ]
 
 
@@ -2049,7 +2141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if INTERFERENCE:
         info["server_cpu_taken_by_others"] = {"median": median(INTERFERENCE), "max": max(INTERFERENCE)}
         print(f"\ninterference: other processes used {median(INTERFERENCE):.0%} (median; worst {max(INTERFERENCE):.0%}) "
-              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7, 10 and 13")
+              f"of CPU {SERVER_CPU}, the servers' CPU, during the measurements of figures 1-4, 7, 10, 13 and 15")
     if args.merge and out_path.exists():
         results = merge_results(json.loads(out_path.read_text()), results)
     out_path.parent.mkdir(parents=True, exist_ok=True)

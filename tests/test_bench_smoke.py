@@ -611,7 +611,7 @@ def test_the_guard_kills_the_cluster_when_the_suite_is_gone_or_did_not_stop_it(t
 
 FIGURE_NAMES = {"health_pipelined", "small_reads", "durable_writes", "agent_lifecycle", "large_inventory",
                 "idle_sessions", "slow_disk_writes", "fairness", "memory", "subscribers", "gc_pauses", "fleet",
-                "postgres", "cluster"}
+                "postgres", "cluster", "http"}
 
 
 def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
@@ -624,7 +624,7 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     figures = results["figures"]
     assert set(figures) == FIGURE_NAMES, log
-    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 15))
+    assert sorted(f["figure"] for f in figures.values()) == list(range(1, 16))
     postgres = pg_figure.unavailable()
     for name, fig in figures.items():
         assert fig["available"] and fig["error"] is None, (name, fig["error"])
@@ -674,6 +674,13 @@ def test_smoke_run_produces_every_figure(tmp_path: Path) -> None:
         assert pg["stored"]["floor_rows"] > 0
     else:
         need_postgres()  # where PostgreSQL is required (CI), its figure must not be skipped
+    http = figures["http"]["metrics"]  # the test extra has aiohttp: figure 15 is not skipped
+    assert http["floor"]["rate_per_s"] > 0 and http["aiohttp"]
+    for path in ("health", "get_all_vms"):
+        assert http[path]["requests_per_s"] > 0 and http[path]["cpu_ratio_schedstat"] is not None
+        assert http[path]["reply_bytes"] > 0
+    assert http["get_all_vms"]["reply_bytes"] > http["health"]["reply_bytes"]  # the list, not an error
+    assert all(set(r) == {"run", "floor", "health", "get_all_vms"} for r in figures["http"]["runs"])
     assert "health pipelined" in proc.stdout.decode()  # the table was printed
     # --merge replaces only the figures run now.
     again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "1", "--merge", "--out",
