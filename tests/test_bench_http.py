@@ -24,16 +24,8 @@ pytest.importorskip("aiohttp")
 
 from benchmarks import http_figure  # noqa: E402
 from benchmarks.loadgen import LoadError  # noqa: E402
-from benchmarks.run import SMOKE, Bench, ServerProc, http_port, populate, vm_spec  # noqa: E402
-
-
-@pytest.fixture
-def bench(tmp_path: Path) -> Iterator[Bench]:
-    b = Bench(SMOKE, tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
+from benchmarks.run import Bench, ServerProc, http_port, populate, vm_spec  # noqa: E402
+from test_bench_smoke import bench  # noqa: E402,F401  (a Bench of the smoke settings, closed after)
 
 
 @pytest.fixture

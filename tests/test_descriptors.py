@@ -43,6 +43,24 @@ class Burst:
             s.close()
 
 
+def connect_all(port: int, count: int, sel: selectors.BaseSelector, pending: dict[socket.socket, bytearray],
+                events: int) -> list[str]:
+    """Start ``count`` non-blocking connections, each registered for ``events`` with an empty
+    buffer in ``pending``; the failures, described."""
+    failed = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        err = s.connect_ex((HOST, port))
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            failed.append(f"connect: {os.strerror(err)}")
+            continue
+        sel.register(s, events)
+        pending[s] = bytearray()
+    return failed
+
+
 def burst(port: int, count: int, timeout: float = 20.0) -> Burst:
     """Open ``count`` connections at once and watch each to its end: the greeting (left open),
     or exactly one error line then EOF."""
@@ -58,16 +76,7 @@ def burst(port: int, count: int, timeout: float = 20.0) -> Burst:
             s.close()
 
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.setblocking(False)
-            err = s.connect_ex((HOST, port))
-            if err not in (0, errno.EINPROGRESS):
-                s.close()
-                out.wrong.append(f"connect: {os.strerror(err)}")
-                continue
-            sel.register(s, selectors.EVENT_READ)
-            pending[s] = bytearray()
+        out.wrong += connect_all(port, count, sel, pending, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
         while pending and (left := deadline - time.monotonic()) > 0:
             for key, _ in sel.select(min(left, 0.5)):
@@ -320,15 +329,7 @@ def http_burst(port: int, count: int, timeout: float = 20.0) -> tuple[int, list[
     ok, refused, wrong = 0, [], []
     kept: list[socket.socket] = []
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.setblocking(False)
-            if s.connect_ex((HOST, port)) not in (0, errno.EINPROGRESS):
-                s.close()
-                wrong.append("connect failed")
-                continue
-            sel.register(s, selectors.EVENT_WRITE)
-            pending[s] = bytearray()
+        wrong += connect_all(port, count, sel, pending, selectors.EVENT_WRITE)
         deadline = time.monotonic() + timeout
         while pending and (left := deadline - time.monotonic()) > 0:
             for key, events in sel.select(min(left, 0.5)):
