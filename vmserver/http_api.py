@@ -27,7 +27,7 @@ from .commands import SlowDown, failure, run
 from .errors import CommandError, ErrorCode
 from .listing import pieces
 from .presence import session_key
-from .protocol import json_error_text, decode_json, dumps
+from .protocol import decode_json, dumps, json_error_text
 
 if TYPE_CHECKING:
     from .server import Server
