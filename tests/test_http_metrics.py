@@ -485,3 +485,42 @@ async def test_event_streams_are_counted_as_http_subscribers_and_their_losses_ke
         await eventually(none_left, "the stream that went away is let go")
         assert value(await scrape(http, base), "vmserver_events_dropped_total", protocol="http") >= lost
         assert value(await scrape(http, base), "vmserver_events_dropped_total", protocol="line") == 0
+
+
+async def test_http_answers_by_route_and_status_and_refused_connections(db):
+    """Every HTTP answer is counted by route and status, refusals before any command included
+    (a path no route matches under one label), and connections refused over the cap."""
+    async with http_server(db, max_connections=2, local_reserve=0) as (srv, base), client() as http:
+        before = await scrape(http, base)
+        assert (await get(http, f"{base}/health"))[0] == 200
+        async with http.post(f"{base}/add_vm", data="{}", headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 415
+        assert (await post(http, f"{base}/add_vm", {"vm_id": "bad id"}))[0] == 400
+        for path in ("/nope", "/also/nope"):
+            assert (await get(http, f"{base}{path}"))[0] == 404
+        async with http.delete(f"{base}/add_vm") as r:
+            assert r.status == 405
+        after = await scrape(http, base)
+
+        def answers(samples: Samples) -> dict[tuple[str, str], float]:
+            return {(dict(labels)["route"], dict(labels)["status"]): v
+                    for (name, labels), v in samples.items() if name == "vmserver_http_responses_total"}
+
+        assert delta(answers(after), answers(before)) == {
+            ("/health", "200"): 1, ("/add_vm", "415"): 1, ("/add_vm", "400"): 1, ("(none)", "404"): 2,
+            ("(none)", "405"): 1, ("/metrics", "200"): 1}  # the scrape before this one
+        # the cap: this client's connection and a line session hold both seats
+        w = await Wire.open(srv.address[1])
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", srv.http.address[1]), TIMEOUT)
+        assert (await asyncio.wait_for(reader.read(), TIMEOUT)).startswith(b"HTTP/1.1 503 ")
+        writer.close()
+        late = await Wire.open(srv.address[1])
+        assert late.greeting["ok"] is False
+        await late.close()
+        await w.close()
+
+        async def refused_two() -> bool:
+            samples = await scrape(http, base)
+            return value(samples, "vmserver_connections_refused_total") - value(
+                before, "vmserver_connections_refused_total") == 2
+        await eventually(refused_two, "both refusals counted")

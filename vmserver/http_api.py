@@ -39,6 +39,7 @@ HEADER = "X-VM-Session"
 # answered without the token: probes carry none, and the API's description tells no more than the
 # line protocol's greeting does before auth
 _OPEN_PATHS = frozenset(("/health", "/ready", "/openapi.json"))
+NO_ROUTE = "(none)"  # the route label of requests no route matched (404, 405)
 
 # SEED.md's writes and their text/plain confirmations (the JSON record with Accept: application/json).
 CONFIRMATIONS = {
@@ -120,6 +121,7 @@ class HttpApi:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._openapi_json: bytes | None = None
+        self.responses: dict[tuple[str, int], int] = {}  # (route, status) -> answers (GET /metrics)
         app = web.Application(middlewares=[self._guard], client_max_size=self.config.max_line)
         for name in CONFIRMATIONS:
             app.router.add_post(f"/{name}", self._write(name))
@@ -217,6 +219,16 @@ class HttpApi:
     @web.middleware
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Every answer, counted by route and status for GET /metrics (refusals before any
+        command included; a route that matched nothing counts as NO_ROUTE: clients cannot add labels)."""
+        response = await self._answer(request, handler)
+        resource = request.match_info.route.resource
+        key = (resource.canonical if resource is not None else NO_ROUTE, response.status)
+        self.responses[key] = self.responses.get(key, 0) + 1
+        return response
+
+    async def _answer(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """The token, the lease, and our error body for aiohttp's own refusals (404, 405, 413)."""
         # (/ready says why itself; /metrics shows it: lease_held 0)
         if self.server.unavailable is not None and request.path not in _OPEN_PATHS and request.path != "/metrics":

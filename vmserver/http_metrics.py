@@ -67,6 +67,18 @@ class ServerCollector:
             opened.add_metric([protocol], count)
         yield opened
 
+        refused = CounterMetricFamily("vmserver_connections_refused", "Connections refused over the cap "
+                                      "(--max-connections) or out of descriptors, line and HTTP.")
+        refused.add_metric([], metrics.connections_refused)
+        yield refused
+        if server.http is not None:
+            answers = CounterMetricFamily("vmserver_http_responses", "HTTP answers by route and status, "
+                                          "refusals before any command included (route (none): no route "
+                                          "matched).", labels=["route", "status"])
+            for (route, status), count in sorted(server.http.responses.items()):
+                answers.add_metric([route, str(status)], count)
+            yield answers
+
         commands = CounterMetricFamily("vmserver_commands", "Commands done, by protocol, command and outcome "
                                        '(code="ok" or the error code).', labels=["protocol", "command", "code"])
         latency = HistogramMetricFamily("vmserver_command_duration_seconds", "How long commands took, from "

@@ -69,6 +69,7 @@ class Metrics:
         self.commands: dict[str, dict[str, CommandStats]] = {"line": {}, "http": {}, "console": {}}
         self.sessions_opened = {"line": 0, "http": 0}
         self.events_dropped = 0  # told (overflow) or given up with the subscription; see Server
+        self.connections_refused = 0  # over the cap or out of descriptors, line and HTTP (Server.note_refused)
 
     def ok(self, protocol: str, name: str, seconds: float) -> None:
         """Command ``name`` succeeded in ``seconds``."""

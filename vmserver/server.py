@@ -465,6 +465,7 @@ class Server:
     def note_refused(self, count: int, name: str = "?") -> None:
         """Count refused connections; a flood of refusals is one log line per 10 s."""
         self._refused += count
+        self.context.metrics.connections_refused += count
         now = time.monotonic()
         if now - self._refused_logged >= 10.0:
             log.warning("refused %d connection(s), the last from %s: already %d connections (cap %d, --max-connections)",
