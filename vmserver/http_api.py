@@ -155,15 +155,12 @@ class HttpApi:
         await runner.setup()
         loop = asyncio.get_running_loop()
         try:
-            for sock in limits.listeners(self.config.host, self.config.http_port, 4096):
-                sock.refusal, sock.on_refused = _refusal("the server is out of file descriptors; try again "
-                                                         "later"), self.server.note_refused
-                self._listeners.append(await loop.create_server(
-                    lambda: _Gate(self), sock=sock, ssl=tls, backlog=4096,
-                    ssl_handshake_timeout=10.0 if tls else None))
+            self._listeners = await limits.serve(
+                self.config.host, self.config.http_port, 4096,
+                _refusal("the server is out of file descriptors; try again later"), self.server.note_refused,
+                lambda sock: loop.create_server(lambda: _Gate(self), sock=sock, ssl=tls, backlog=4096,
+                                                ssl_handshake_timeout=10.0 if tls else None))
         except BaseException as exc:
-            for listener in self._listeners:
-                listener.close()
             await runner.cleanup()
             if isinstance(exc, OSError):  # the start failure line names this port, not the line server's
                 exc.vmserver_address = f"HTTP {self.config.host}:{self.config.http_port}"  # type: ignore[attr-defined]

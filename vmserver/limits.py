@@ -7,12 +7,13 @@ spare, and a listening socket that runs out anyway refuses what waits instead of
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import resource
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +162,23 @@ def listeners(host: str, port: int, backlog: int) -> list[Listener]:
             sock.close()
         raise
     return out
+
+
+async def serve(host: str, port: int, backlog: int, refusal: bytes, on_refused: Callable[[int], None],
+                start: Callable[[Listener], Awaitable[asyncio.Server]]) -> list[asyncio.Server]:
+    """Listen on every address of ``host``:``port``: ``start(sock)`` serves each listener, which
+    answers ``refusal`` to waiting clients when out of descriptors (counted by ``on_refused``).
+    If any fails, every one is closed again. :raises OSError: the address cannot be bound."""
+    socks = listeners(host, port, backlog)
+    servers: list[asyncio.Server] = []
+    try:
+        for sock in socks:
+            sock.refusal, sock.on_refused = refusal, on_refused
+            servers.append(await start(sock))
+    except BaseException:
+        for server in servers:
+            server.close()
+        for sock in socks[len(servers):]:
+            sock.close()
+        raise
+    return servers

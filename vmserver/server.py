@@ -225,20 +225,11 @@ class Server:
     async def start(self, tls: ssl.SSLContext | None = None) -> None:
         """Listen (with TLS when given a context). :raises OSError: address in use."""
         refusal = encode_error(None, ErrorCode.UNAVAILABLE, "the server is out of file descriptors; try again later")
-        socks = limits.listeners(self.config.host, self.config.port, _BACKLOG)
-        try:
-            for sock in socks:
-                sock.refusal, sock.on_refused = refusal, self.note_refused
-                # Lines longer than the reader's limit are gathered by _read_long_line.
-                self._servers.append(await asyncio.start_server(
-                    self._serve, sock=sock, limit=_READ_LIMIT, backlog=_ACCEPT_BATCH, ssl=tls,
-                    ssl_handshake_timeout=10.0 if tls else None))
-        except BaseException:
-            for server in self._servers:
-                server.close()
-            for sock in socks[len(self._servers):]:
-                sock.close()
-            raise
+        # Lines longer than the reader's limit are gathered by _read_long_line.
+        self._servers = await limits.serve(
+            self.config.host, self.config.port, _BACKLOG, refusal, self.note_refused,
+            lambda sock: asyncio.start_server(self._serve, sock=sock, limit=_READ_LIMIT, backlog=_ACCEPT_BATCH,
+                                              ssl=tls, ssl_handshake_timeout=10.0 if tls else None))
         if self.config.http_port is not None:
             from .http_api import HttpApi  # aiohttp only when asked for: an optional extra
 
