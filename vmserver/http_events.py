@@ -54,11 +54,7 @@ class _Channel(Channel):
         self.joined: tuple[int, int, bytes] = (-1, -1, b"")  # (from, to, bytes): for streams at one position
 
     def forget_read(self) -> None:
-        if self.lines:
-            done = min((stream.cursor for stream in self.members), default=self.end)  # type: ignore[attr-defined]
-            if done > self.first:
-                del self.lines[:done - self.first]
-                self.first = done
+        super().forget_read()  # (a Stream is its own subscription: see Stream)
         if self.joined[1] <= self.first:
             self.joined = (-1, -1, b"")  # every stream is past it
 
@@ -82,6 +78,12 @@ class Stream:
         self.last_write = time.monotonic()
         self.ping = False  # a keepalive is due
         self.last_words: bytes | None = None  # set when the server ends it: written last (b"": nothing)
+
+    @property
+    def subscription(self) -> Stream:
+        """Its own: Channel reads a member's position as ``subscription.cursor`` (a property,
+        not an attribute holding itself: no reference cycle)."""
+        return self
 
     def subscribe(self, events: frozenset[str], vm_id: str | None) -> None:
         self.choice = (events, vm_id)  # joined to a channel once the command is through
