@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from .arguments import seconds
 from .client import DEFAULT_HOST, DEFAULT_PORT, parse_address
 from .console import Console, history_path, interactive, one_shot, script
 
@@ -39,16 +39,6 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be from 1 to 65535, got {port}")
     return port
-
-
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return seconds
 
 
 # Settings that also come from the environment (an empty variable counts as unset, as for vmserver).
@@ -76,7 +66,7 @@ def _parser() -> _Parser:
     parser.add_argument("--port", type=_port, help=f"server port (default {DEFAULT_PORT}) [VMSERVER_PORT]")
     parser.add_argument("--json", action="store_true",
                         help="print raw JSON results (the default when stdout is not a terminal)")
-    parser.add_argument("--timeout", type=_seconds, default=60.0,
+    parser.add_argument("--timeout", type=seconds, default=60.0,
                         help="seconds each command may take, sending included (default 60)")
     parser.add_argument("--no-history", action="store_true", help="do not read or write the history file")
     parser.add_argument("--token-file", metavar="PATH", type=_text,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .arguments import seconds
 from .client import DEFAULT_PORT, Client, DiskSpec, format_address, parse_address
 from .errors import AlreadyExists, AuthFailed, ClientError, CommandError, Conflict, ConnectError, NotAuthorized
 
@@ -701,16 +702,6 @@ def _servers(text: str) -> list[tuple[str, int]]:
     return servers
 
 
-def _settle(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmclient demo",
@@ -727,7 +718,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--servers", type=_servers, default=None, metavar="HOST:PORT,HOST:PORT",
                         help="several servers on one database (agent i on the i-th mod n, an observer on each); "
                         "instead of --host, --port and --spawn-server")
-    parser.add_argument("--settle", type=_settle, default=None, metavar="SECONDS",
+    parser.add_argument("--settle", type=seconds, default=None, metavar="SECONDS",
                         help=f"with --servers: how long each observer may look again before a phase counts as "
                         f"failed on its server, for changes on their way from another (default {SETTLE:g})")
     return parser
