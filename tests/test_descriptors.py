@@ -8,6 +8,7 @@ wait is bounded: a connection that is neither greeted nor refused is reported as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -43,70 +45,79 @@ class Burst:
             s.close()
 
 
-def connect_all(port: int, count: int, sel: selectors.BaseSelector, pending: dict[socket.socket, bytearray],
-                events: int) -> list[str]:
-    """Start ``count`` non-blocking connections, each registered for ``events`` with an empty
-    buffer in ``pending``; the failures, described."""
-    failed = []
-    for _ in range(count):
-        s = socket.socket()
-        s.setblocking(False)
-        err = s.connect_ex((HOST, port))
-        if err not in (0, errno.EINPROGRESS):
-            s.close()
-            failed.append(f"connect: {os.strerror(err)}")
-            continue
-        sel.register(s, events)
-        pending[s] = bytearray()
-    return failed
-
-
-def burst(port: int, count: int, timeout: float = 20.0) -> Burst:
-    """Open ``count`` connections at once and watch each to its end: the greeting (left open),
-    or exactly one error line then EOF."""
-    out = Burst()
+def watch(port: int, count: int, decide: Callable[[socket.socket, bytes, str | None], bool], send: bytes = b"",
+          timeout: float = 20.0) -> int:
+    """Open ``count`` connections at once (each sends ``send`` first, when given) and read each
+    until ``decide(sock, what it got, how it ended)`` says it is done: the end is None while
+    the connection is open, "EOF", or the error that ended it; ``decide`` keeps or closes the
+    socket. A connection that fails is decided at once. Returns how many hung (undecided in time)."""
     sel = selectors.DefaultSelector()
     pending: dict[socket.socket, bytearray] = {}
 
-    def done(s: socket.socket, wrong: str | None = None) -> None:
+    def done(s: socket.socket) -> None:
         sel.unregister(s)
         del pending[s]
-        if wrong is not None:
-            out.wrong.append(wrong)
-            s.close()
 
     try:
-        out.wrong += connect_all(port, count, sel, pending, selectors.EVENT_READ)
+        for _ in range(count):
+            s = socket.socket()
+            s.setblocking(False)
+            err = s.connect_ex((HOST, port))
+            if err not in (0, errno.EINPROGRESS):
+                decide(s, b"", f"connect: {os.strerror(err)}")
+                continue
+            sel.register(s, selectors.EVENT_WRITE if send else selectors.EVENT_READ)
+            pending[s] = bytearray()
         deadline = time.monotonic() + timeout
         while pending and (left := deadline - time.monotonic()) > 0:
-            for key, _ in sel.select(min(left, 0.5)):
+            for key, events in sel.select(min(left, 0.5)):
                 s = key.fileobj  # type: ignore[assignment]
+                if events & selectors.EVENT_WRITE:
+                    with contextlib.suppress(OSError):  # refused before we wrote: its reply is read next
+                        s.send(send)
+                    sel.modify(s, selectors.EVENT_READ)
+                    continue
                 buf = pending[s]
                 try:
                     chunk = s.recv(65536)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
-                    done(s, f"{exc!r} after {bytes(buf[:200])!r}")
-                    continue
-                buf += chunk
-                first, newline, rest = bytes(buf).partition(b"\n")
-                if newline and b'"hello"' in first:
-                    done(s)
-                    out.greeted.append(s)
-                elif chunk:
-                    continue
-                elif not newline or rest:
-                    done(s, f"EOF after {bytes(buf[:200])!r}: not exactly one line")
+                    chunk, end = b"", repr(exc)
                 else:
+                    end = None if chunk else "EOF"
+                buf += chunk
+                if decide(s, bytes(buf), end) or end is not None:
                     done(s)
-                    s.close()
-                    out.refused.append(json.loads(first))
-        out.hung = len(pending)
+        return len(pending)
     finally:
         for s in list(pending):
             s.close()
         sel.close()
+
+
+def burst(port: int, count: int, timeout: float = 20.0) -> Burst:
+    """Open ``count`` connections at once and watch each to its end: the greeting (left open),
+    or exactly one error line then EOF."""
+    out = Burst()
+
+    def decide(s: socket.socket, got: bytes, end: str | None) -> bool:
+        first, newline, rest = got.partition(b"\n")
+        if newline and b'"hello"' in first:
+            out.greeted.append(s)
+            return True
+        if end is None:
+            return False
+        s.close()
+        if end != "EOF":
+            out.wrong.append(f"{end} after {got[:200]!r}")
+        elif not newline or rest:
+            out.wrong.append(f"EOF after {got[:200]!r}: not exactly one line")
+        else:
+            out.refused.append(json.loads(first))
+        return True
+
+    out.hung = watch(port, count, decide, timeout=timeout)
     return out
 
 
@@ -323,50 +334,29 @@ def test_help_describes_the_cap_and_the_reserve():
 def http_burst(port: int, count: int, timeout: float = 20.0) -> tuple[int, list[bytes], list[str], int]:
     """``count`` HTTP connections at once, each sending GET /health: (answered 200, the whole
     replies of the refused (503 then EOF), anything else, hung)."""
-    request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
-    sel = selectors.DefaultSelector()
-    pending: dict[socket.socket, bytearray] = {}
-    ok, refused, wrong = 0, [], []
-    kept: list[socket.socket] = []
+    refused: list[bytes] = []
+    wrong: list[str] = []
+    kept: list[socket.socket] = []  # answered 200, held open: each keeps its seat
+
+    def decide(s: socket.socket, got: bytes, end: str | None) -> bool:
+        if got.startswith(b"HTTP/1.1 200") and got.endswith(b"OK"):
+            kept.append(s)
+            return True
+        if end is None:
+            return False
+        s.close()
+        if got.startswith(b"HTTP/1.1 503"):
+            refused.append(got)
+        else:
+            wrong.append(got[:200].decode(errors="replace") or end)
+        return True
+
     try:
-        wrong += connect_all(port, count, sel, pending, selectors.EVENT_WRITE)
-        deadline = time.monotonic() + timeout
-        while pending and (left := deadline - time.monotonic()) > 0:
-            for key, events in sel.select(min(left, 0.5)):
-                s = key.fileobj  # type: ignore[assignment]
-                if events & selectors.EVENT_WRITE:
-                    try:
-                        s.send(request)
-                    except OSError:
-                        pass  # refused before we wrote: its reply is read below
-                    sel.modify(s, selectors.EVENT_READ)
-                    continue
-                buf = pending[s]
-                try:
-                    chunk = s.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    chunk, buf[:] = b"", buf if buf else f"{exc!r}".encode()
-                buf += chunk
-                if buf.startswith(b"HTTP/1.1 200") and buf.endswith(b"OK"):
-                    ok += 1
-                    kept.append(s)  # held open: it keeps its seat
-                elif chunk:
-                    continue
-                elif buf.startswith(b"HTTP/1.1 503"):
-                    refused.append(bytes(buf))
-                    s.close()
-                else:
-                    wrong.append(bytes(buf[:200]).decode(errors="replace"))
-                    s.close()
-                sel.unregister(s)
-                del pending[s]
-        return ok, refused, wrong, len(pending)
+        hung = watch(port, count, decide, send=b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", timeout=timeout)
+        return len(kept), refused, wrong, hung
     finally:
-        for s in [*pending, *kept]:
+        for s in kept:
             s.close()
-        sel.close()
 
 
 def test_http_connections_share_the_cap_under_a_small_descriptor_limit(limited):
