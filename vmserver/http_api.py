@@ -229,8 +229,7 @@ class HttpApi:
         """The token, the lease, and our error body for aiohttp's own refusals (404, 405, 413)."""
         # (/ready says why itself; /metrics shows it: lease_held 0)
         if self.server.unavailable is not None and request.path not in _OPEN_PATHS and request.path != "/metrics":
-            return error_response(ErrorCode.UNAVAILABLE, "this server lost touch with its database "
-                                  f"({self.server.unavailable}); try another server, or again shortly")
+            return error_response(ErrorCode.UNAVAILABLE, self.server.unavailable_message)
         try:
             if self.context.token is not None and request.path not in _OPEN_PATHS:
                 refused = await self._check_token(request)

@@ -496,8 +496,7 @@ class Server:
 
     def _admit(self, writer: asyncio.StreamWriter, peer: Any, name: str) -> bool:
         if self.unavailable is not None:
-            writer.write(encode_error(None, ErrorCode.UNAVAILABLE, "this server lost touch with its database "
-                                      f"({self.unavailable}); try another server, or again shortly"))
+            writer.write(encode_error(None, ErrorCode.UNAVAILABLE, self.unavailable_message))
             writer.close()
             return False
         if self.admits(peer):
@@ -506,6 +505,11 @@ class Server:
         writer.write(encode_error(None, ErrorCode.UNAVAILABLE, self.full_message))
         writer.close()  # at once: a refusal must not hold a descriptor while lingering
         return False
+
+    @property
+    def unavailable_message(self) -> str:
+        """What a client hears while this server holds no lease (both protocols)."""
+        return f"this server lost touch with its database ({self.unavailable}); try another server, or again shortly"
 
     @property
     def full_message(self) -> str:
